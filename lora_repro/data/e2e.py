@@ -1,0 +1,95 @@
+"""E2E NLG Challenge: read the official CSV files and linearize meaning representations.
+
+The official files (Novikova et al. 2017) have columns ``mr,ref``: one row per reference,
+several consecutive rows per MR such as
+``name[Alimentum], area[city centre], familyFriendly[no]``.
+
+The LoRA code's E2E data (inherited from prefix-tuning) writes each MR as
+``name : Alimentum | area : city centre | family friendly : no``: slot names renamed as in
+`SLOT_NAMES`, slots joined with `` | ``, values kept verbatim. References are kept verbatim
+too, so decoded text is scored against the official references unchanged.
+"""
+
+from __future__ import annotations
+
+import csv
+import re
+from pathlib import Path
+
+from lora_repro.data.records import Example
+from lora_repro.errors import UserError
+
+# The official split files (testset.csv holds MRs only; the references are in *_w_refs).
+OFFICIAL_FILES = {"train": "trainset.csv", "valid": "devset.csv", "test": "testset_w_refs.csv"}
+
+# E2E slot name -> the name used in the linearized source (LoRA / prefix-tuning data).
+SLOT_NAMES = {
+    "name": "name",
+    "eatType": "Type",
+    "food": "food",
+    "priceRange": "price",
+    "customer rating": "customer rating",
+    "area": "area",
+    "familyFriendly": "family friendly",
+    "near": "near",
+}
+
+_SLOT = r"\s*([^,\[\]]+?)\s*\[([^\]]*)\]\s*"  # one `slot[value]`, groups: slot, value
+_SLOT_RE = re.compile(_SLOT)
+_MR_RE = re.compile(rf"{_SLOT}(?:,{_SLOT})*")
+
+
+def parse_mr(mr: str) -> list[tuple[str, str]]:
+    """Split an E2E MR into ``(slot, value)`` pairs, in order.
+
+    >>> parse_mr("name[The Eagle], priceRange[£20-25]")
+    [('name', 'The Eagle'), ('priceRange', '£20-25')]
+
+    Raises:
+        UserError: when the text is not a comma-separated list of ``slot[value]``.
+    """
+    if not _MR_RE.fullmatch(mr):
+        raise UserError(f"E2E MR {mr!r} is not of the form 'slot[value], slot[value], ...'")
+    return _SLOT_RE.findall(mr)
+
+
+def linearize_slots(pairs: list[tuple[str, str]]) -> str:
+    """Write ``(slot, value)`` pairs as ``slot : value | slot : value`` (LoRA's E2E format)."""
+    return " | ".join(f"{SLOT_NAMES.get(k, k)} : {v}" for k, v in pairs)
+
+
+def linearize_mr(mr: str) -> str:
+    """E2E MR string -> the linearized source the model reads.
+
+    >>> linearize_mr("name[Alimentum], eatType[coffee shop], familyFriendly[no]")
+    'name : Alimentum | Type : coffee shop | family friendly : no'
+    """
+    return linearize_slots(parse_mr(mr))
+
+
+def read_e2e_csv(path: Path) -> list[Example]:
+    """Read an official E2E CSV (``mr,ref`` columns) into one `Example` per row, in order.
+
+    Raises:
+        UserError: when the file lacks an ``mr`` or a ``ref`` column (e.g. ``testset.csv``,
+            which has no references: use ``testset_w_refs.csv``).
+    """
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip().lower() for c in reader.fieldnames or []]
+        if "mr" not in columns or "ref" not in columns:
+            raise UserError(
+                f"{path}: an E2E CSV needs columns 'mr' and 'ref', found {columns} "
+                "(the test file with references is testset_w_refs.csv)"
+            )
+        mr_key, ref_key = (reader.fieldnames[columns.index(c)] for c in ("mr", "ref"))
+        examples = []
+        for row in reader:
+            mr, ref = (row[mr_key] or ""), (row[ref_key] or "").strip()
+            try:
+                if not ref:
+                    raise UserError(f"empty ref for MR {mr!r}")
+                examples.append(Example(linearize_mr(mr), ref))
+            except UserError as err:
+                raise UserError(f"{path}, line {reader.line_num}: {err}") from None
+        return examples
