@@ -114,11 +114,13 @@ def test_delta_and_base_weights_follow_linear_convention():
     assert delta_weights(model)[(2, "f")].shape == (4 * D, D)  # d_out x d_in
     w = base_weights(model)
     assert w[(1, "v")].shape == (D, D) and w[(1, "f")].shape == (4 * D, D)
-    torch.testing.assert_close(w[(1, "v")], base.transformer.h[1].attn.c_attn.weight[:, COLS["v"]].T)
+    conv = base.transformer.h[1].attn.c_attn.weight  # (d_in, 3 * d)
+    torch.testing.assert_close(w[(1, "v")], conv[:, COLS["v"]].T)
     merge_lora(model)
     torch.testing.assert_close(base_weights(model)[(1, "v")], w[(1, "v")], atol=1e-6, rtol=0)
     plain = base_weights(base, targets="k")
-    torch.testing.assert_close(plain[(0, "k")], base.transformer.h[0].attn.c_attn.weight[:, COLS["k"]].T)
+    conv = base.transformer.h[0].attn.c_attn.weight
+    torch.testing.assert_close(plain[(0, "k")], conv[:, COLS["k"]].T)
 
 
 def test_one_step_changes_only_A_and_B():
@@ -141,7 +143,9 @@ def test_one_step_changes_only_A_and_B():
 def test_trainable_parameter_count(n_layer, n_embd, targets, rank):
     config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=4)
     with torch.device("meta"):
-        model = apply_lora(GPT2LMHeadModel(config), targets, rank=rank, alpha=32)
+        model = GPT2LMHeadModel(config)
+    model = apply_lora(model, targets, rank=rank, alpha=32)  # LoRA follows the base's device
+    assert {t.device.type for t in [*model.parameters(), *model.buffers()]} == {"meta"}
     shapes = {"q": (n_embd, n_embd), "k": (n_embd, n_embd), "v": (n_embd, n_embd),
               "o": (n_embd, n_embd), "f": (4 * n_embd, n_embd), "p": (n_embd, 4 * n_embd)}
     expected = n_layer * sum(rank * sum(shapes[t]) for t in targets)

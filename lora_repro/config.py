@@ -1,0 +1,162 @@
+"""The training config schema: typed dataclasses, the paper's defaults, and validation.
+
+Hydra composes `conf/` on top of these dataclasses (registered as the structured schema
+`base_config`), so a misspelled key or a wrong type fails at composition. `validate` then
+checks values, with one `UserError` line each, before any model or data is loaded.
+
+Defaults are the paper's GPT-2 M E2E setting (Hu et al. 2021, Table 11): AdamW, lr 2e-4,
+weight decay 0.01, batch 8, 5 epochs, 500 warmup steps, linear decay, label smoothing 0.1,
+LoRA on W_q and W_v with r = 4, alpha = 32, dropout 0.1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+
+from lora_repro.errors import UserError
+from lora_repro.lora.targets import parse_targets
+
+
+@dataclass
+class ModelConfig:
+    id: str = "gpt2-medium"  # short name used in run names
+    name: str = "gpt2-medium"  # hub id or local directory of a GPT2LMHeadModel
+    tokenizer: str = "gpt2-medium"  # hub id, local directory, "byt5" (bytes, no files), or
+    # "bpe": a byte-level BPE of `vocab_size` trained on the task's train split (offline models)
+    vocab_size: int = 1024
+    init: str = "pretrained"  # pretrained | random (shape below, seeded by init_seed)
+    n_layer: int = 24
+    n_embd: int = 1024
+    n_head: int = 16
+    n_positions: int = 1024
+    init_seed: int = 0
+    dropout: float = 0.0  # dropout inside the frozen base model; the paper's code has none
+    attn_implementation: str = "sdpa"  # sdpa | eager
+
+
+@dataclass
+class TaskConfig:
+    name: str = "e2e"  # e2e | webnlg | dart | synthetic
+    data_dir: str | None = None  # local files in the official format; None = the hub
+    train_file: str = "trainset.csv"  # file names inside data_dir (task yaml: official names)
+    valid_file: str | None = "devset.csv"  # None: no validation file (see valid_fraction)
+    test_file: str | None = "testset_w_refs.csv"  # None: no test split
+    valid_fraction: float = 0.0  # > 0: carve validation from the train file, by source
+    max_train_examples: int | None = None  # seeded subsets for quick runs
+    max_valid_examples: int | None = None
+    max_test_sources: int | None = None
+    n_train: int = 2000  # synthetic: sources per split, and references per source
+    n_valid: int = 100
+    n_test: int = 100
+    refs_per_source: int = 3
+    seed: int = 0  # seeds the data split, subsets and the synthetic generator (not training)
+    max_length: int = 512  # tokens per example (prompt + target + eos)
+    length_penalty: float = 0.9  # beam search; the paper's Table 11: 0.9 E2E, 0.8 WebNLG/DART
+    metrics: str = "e2e"  # e2e (official E2E script) | bleu_meteor (WebNLG, DART)
+
+
+@dataclass
+class EvalConfig:
+    test: bool = True  # decode and score the test set at the end of training
+    beam: int = 10
+    no_repeat_ngram_size: int = 4
+    max_new_tokens: int = 64
+    batch_size: int = 32  # test sources decoded at once
+
+
+@dataclass
+class WandbConfig:
+    mode: str | None = None  # online | offline | disabled; None: online with an API key
+    project: str = "lora-repro"
+    entity: str | None = None
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    every: int = 50  # optimizer steps between metrics.jsonl lines
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    name: str = "default"  # runs/<name>/<job>; experiment presets set it
+    method: str = "lora"  # lora | full (full fine-tuning, every parameter trains)
+    targets: str = "qv"
+    rank: int = 4
+    alpha: float = 32.0
+    dropout: float = 0.1
+    seed: int = 1
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    epochs: int = 5
+    max_steps: int | None = None  # stop after this many optimizer steps (smoke, benchmarks)
+    batch_size: int = 8
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup_steps: int = 500
+    label_smoothing: float = 0.1
+    max_grad_norm: float = 0.0  # 0 = no clipping (the paper's code default)
+    checkpoint_every: int = 1000  # optimizer steps between checkpoints (also at epoch ends)
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
+    compile: bool | None = None  # the fast path (torch.compile); None = on for CUDA
+
+
+ALLOWED = {
+    "method": ("lora", "full"),
+    "model.init": ("pretrained", "random"),
+    "model.attn_implementation": ("sdpa", "eager"),
+    "task.metrics": ("e2e", "bleu_meteor"),
+    "precision": ("auto", "fp32", "bf16"),
+    "logger.wandb.mode": (None, "online", "offline", "disabled"),
+}
+
+
+def _get(cfg: TrainConfig, key: str):
+    value = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def validate(cfg: TrainConfig) -> TrainConfig:
+    """Check values that types cannot; raise one `UserError` line naming the key."""
+    for key, allowed in ALLOWED.items():
+        if _get(cfg, key) not in allowed:
+            raise UserError(f"{key}={_get(cfg, key)!r}: allowed values are {allowed}")
+    if cfg.method == "lora":
+        cfg.targets = parse_targets(cfg.targets)
+        if cfg.rank < 1:
+            raise UserError(f"rank={cfg.rank}: must be an integer >= 1")
+        if cfg.alpha <= 0:
+            raise UserError(f"alpha={cfg.alpha}: must be > 0")
+        if not 0 <= cfg.dropout < 1:
+            raise UserError(f"dropout={cfg.dropout}: must be in [0, 1)")
+    positive = ("lr", "epochs", "batch_size", "grad_accum", "eval.beam", "eval.max_new_tokens",
+                "eval.batch_size", "task.max_length", "logger.every")
+    for key in positive:
+        if not _get(cfg, key) > 0:
+            raise UserError(f"{key}={_get(cfg, key)}: must be > 0")
+    for key in ("weight_decay", "warmup_steps", "max_grad_norm", "model.dropout",
+                "checkpoint_every"):
+        if _get(cfg, key) < 0:
+            raise UserError(f"{key}={_get(cfg, key)}: must be >= 0")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise UserError(f"label_smoothing={cfg.label_smoothing}: must be in [0, 1)")
+    if not 0 <= cfg.task.valid_fraction < 1:
+        raise UserError(f"task.valid_fraction={cfg.task.valid_fraction}: must be in [0, 1)")
+    if cfg.max_steps is not None and cfg.max_steps < 1:
+        raise UserError(f"max_steps={cfg.max_steps}: must be >= 1 or null")
+    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+        raise UserError(f"device={cfg.device!r}: allowed values are auto, cpu, cuda, cuda:N")
+    return cfg
+
+
+def register() -> None:
+    """Register the schema with Hydra (conf/config.yaml lists `base_config` first)."""
+    ConfigStore.instance().store(name="base_config", node=TrainConfig)

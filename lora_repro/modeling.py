@@ -1,0 +1,119 @@
+"""Load the base GPT-2 and its tokenizer: from the hub, a local directory, or random init.
+
+Offline with no local copy, loading fails with one `UserError` line that says how to point
+at a local copy, instead of a wall of hub tracebacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    ByT5Tokenizer,
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPT2TokenizerFast,
+    PreTrainedTokenizerBase,
+    PreTrainedTokenizerFast,
+)
+
+from lora_repro.config import ModelConfig
+from lora_repro.errors import UserError
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists()
+
+
+def _unreachable(key: str, name: str, what: str) -> UserError:
+    if _looks_local(name):
+        return UserError(f"{key}={name!r}: no {what} in that directory")
+    return UserError(
+        f"{key}={name!r}: cannot load it from the Hugging Face hub (offline, or not cached); "
+        f"point {key} at a local directory with the {what}"
+    )
+
+
+def train_bpe(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A GPT-2-style byte-level BPE tokenizer trained on `texts` (deterministic; < 1 s for a
+    few thousand examples). Gives offline tiny models GPT-2-like sequence lengths."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """A GPT-2 BPE tokenizer from a hub id or local directory, or "byt5" (bytes, no files).
+    ("bpe", a tokenizer trained on the task's data, is built by `train_bpe` instead.)
+
+    GPT-2 has no pad token; padding uses eos, which the loss and attention never see
+    (labels are -100 there and padding is on the right)."""
+    if name == "byt5":
+        tokenizer = ByT5Tokenizer()
+    else:
+        try:
+            tokenizer = GPT2TokenizerFast.from_pretrained(name)
+        except (OSError, ValueError) as e:
+            what = "tokenizer files (vocab.json, merges.txt)"
+            raise _unreachable("model.tokenizer", name, what) from e
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _no_dropout(config: GPT2Config, p: float) -> GPT2Config:
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = p
+    return config
+
+
+def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GPT2LMHeadModel:
+    """The base model in float32 on the CPU (the caller moves it).
+
+    `init=pretrained` loads `cfg.name`; `init=random` builds the shape in `cfg` with the
+    tokenizer's vocabulary, seeded by `cfg.init_seed`, so a run can rebuild the same base.
+    """
+    if cfg.init == "pretrained":
+        try:
+            config = GPT2Config.from_pretrained(cfg.name)
+        except (OSError, ValueError) as e:
+            raise _unreachable("model.name", cfg.name, "model files (config.json, weights)") from e
+        return GPT2LMHeadModel.from_pretrained(
+            cfg.name,
+            config=_no_dropout(config, cfg.dropout),
+            attn_implementation=cfg.attn_implementation,
+            dtype=torch.float32,
+        )
+    config = GPT2Config(
+        n_layer=cfg.n_layer,
+        n_embd=cfg.n_embd,
+        n_head=cfg.n_head,
+        n_positions=cfg.n_positions,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"model.n_embd={cfg.n_embd} must be divisible by model.n_head={cfg.n_head}")
+    config._attn_implementation = cfg.attn_implementation
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.init_seed)
+        return GPT2LMHeadModel(_no_dropout(config, cfg.dropout))
+
+
+def resolve_device(name: str) -> torch.device:
+    """"auto" is CUDA where available, else CPU; asking for CUDA without it is a UserError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={name!r}: CUDA is not available here; use device=cpu")
+    return torch.device(name)

@@ -1,0 +1,110 @@
+"""The run directory: the contract between training and `analysis/`.
+
+    runs/<name>/<job>/
+        .hydra/                 Hydra's composed config and overrides
+        adapter.safetensors     final LoRA factors (`lora_repro.lora.save_adapter`)
+        metrics.jsonl           one JSON object per logged step or epoch
+        predictions.txt         decoded test outputs, one line per unique source
+        tokenizer/              only for model.tokenizer=bpe: the tokenizer trained on the task
+        summary.json            written last and atomically; a job without it is incomplete
+        checkpoints/last.pt     resume state (weights, optimizer, scheduler, RNG, data position)
+
+Every file a reader may take for finished is written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lora_repro.config import TrainConfig
+from lora_repro.errors import UserError
+
+SUMMARY = "summary.json"
+ADAPTER = "adapter.safetensors"
+METRICS = "metrics.jsonl"
+PREDICTIONS = "predictions.txt"
+CHECKPOINT = "checkpoints/last.pt"
+TOKENIZER = "tokenizer"  # only for model.tokenizer=bpe, trained on the task
+# Keys that do not change what a run computes: a rerun with other values resumes it.
+NOT_IDENTITY = ("logger", "eval", "device", "compile", "name")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def identity(cfg: TrainConfig) -> dict:
+    """The part of the config that determines a run's result."""
+    d = asdict(cfg)
+    for key in NOT_IDENTITY:
+        d.pop(key, None)
+    return d
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out += _diff(va, vb, f"{prefix}{key}.")
+        elif va != vb:
+            out.append(f"{prefix}{key}: {va!r} -> {vb!r}")
+    return out
+
+
+def check_same_run(run_dir: Path, saved: dict, cfg: TrainConfig) -> None:
+    """Refuse to resume or skip a run directory that holds a run of other settings."""
+    diff = _diff(saved, identity(cfg))
+    if diff:
+        raise UserError(
+            f"{run_dir} holds a run with other settings ({'; '.join(diff[:3])}); "
+            "pass name=<new name> or hydra.run.dir=<dir> to start a separate run"
+        )
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def find_runs(root: Path) -> list[Path]:
+    """Every job directory below `root` (a dir holding `.hydra/` or `summary.json`), sorted."""
+    root = Path(root)
+    found = {p.parent for p in root.rglob(".hydra")} | {p.parent for p in root.rglob(SUMMARY)}
+    return sorted(found)

@@ -1,0 +1,276 @@
+"""The training loop: plain PyTorch, read top to bottom.
+
+`train(cfg, run_dir)` builds tokenizer, data and model, fine-tunes (LoRA or full), checkpoints
+each epoch (and every `checkpoint_every` steps), resumes from `checkpoints/last.pt` when the
+same command is rerun in the same run directory, saves the adapter, decodes and scores the
+test set, and writes `summary.json` last.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from lora_repro import fastpath, rundir
+from lora_repro.config import TaskConfig, TrainConfig
+from lora_repro.data import (
+    TaskData,
+    collate,
+    encode_dataset,
+    length_grouped_batches,
+    load_task,
+    prompt_text,
+)
+from lora_repro.data.encoding import IGNORE_INDEX
+from lora_repro.data.tasks import TASKS, default_options
+from lora_repro.lora import apply_lora, count_trainable, save_adapter
+from lora_repro.modeling import load_model, load_tokenizer, resolve_device, train_bpe
+from lora_repro.tracking import Tracker
+
+
+def task_data(task: TaskConfig) -> TaskData:
+    """Load the task with the options of `task` that this task accepts."""
+    keys = default_options(task.name) if task.name in TASKS else {}
+    options = {k: getattr(task, k) for k in keys}
+    return load_task(task.name, data_dir=task.data_dir, seed=task.seed, **options)
+
+
+def run_tokenizer(cfg: TrainConfig, data: TaskData, run_dir: Path):
+    """The run's tokenizer; one trained on the task ("bpe") is saved to `run_dir/tokenizer`."""
+    if cfg.model.tokenizer != "bpe":
+        return load_tokenizer(cfg.model.tokenizer)
+    texts = [prompt_text(ex.source) + " " + ex.target for ex in data.train]
+    tokenizer = train_bpe(texts, cfg.model.vocab_size)
+    tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
+    return tokenizer
+
+
+def lm_loss(
+    model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
+    label_smoothing: float = 0.0, reduction: str = "mean",
+) -> torch.Tensor:
+    """Next-token cross-entropy over target tokens (labels != -100).
+
+    input_ids, labels: (B, T), right-padded. No attention mask is passed: with padding on
+    the right, causal attention never lets a real token see a pad, and pads carry label
+    -100, so the mask would change nothing but cost a mask build and the fused kernels.
+    """
+    hidden = model.transformer(input_ids=input_ids).last_hidden_state  # (B, T, d)
+    logits = model.lm_head(hidden[:, :-1])  # (B, T-1, V): position t predicts token t+1
+    return F.cross_entropy(
+        logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+        label_smoothing=label_smoothing, reduction=reduction,
+    )
+
+
+@torch.no_grad()
+def validation_loss(model, encoded, batch_size, pad_id, device, autocast) -> float:
+    """Mean token NLL (no label smoothing) over a validation set, batched by length."""
+    if not encoded:
+        return float("nan")
+    model.eval()
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    count = 0
+    for start in range(0, len(order), batch_size):
+        batch = collate([encoded[i] for i in order[start:start + batch_size]], pad_id)
+        with autocast():
+            losses = lm_loss(model, batch["input_ids"].to(device), batch["labels"].to(device),
+                             reduction="sum")
+        total += losses.double()
+        count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+    model.train()
+    return total.item() / max(count, 1)
+
+
+def _rng_state() -> dict:
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW as the paper's code (betas 0.9/0.999); biases and LayerNorms get no decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6,
+                             fused=device.type == "cuda")
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def train(cfg: TrainConfig, run_dir: Path) -> dict:
+    """Run (or resume, or skip if complete) one training job in `run_dir`; return its summary."""
+    run_dir = Path(run_dir)
+    summary_path = run_dir / rundir.SUMMARY
+    if summary_path.is_file():
+        summary = rundir.read_json(summary_path)
+        rundir.check_same_run(run_dir, summary["identity"], cfg)
+        print(f"{run_dir} is complete (summary.json); nothing to do")
+        return summary
+    ckpt = rundir.load_checkpoint(run_dir / rundir.CHECKPOINT)
+    if ckpt is not None:
+        rundir.check_same_run(run_dir, ckpt["identity"], cfg)
+    device = resolve_device(cfg.device)
+    autocast = _autocast(cfg, device)
+    t_start = time.perf_counter()
+
+    # Data first: its errors are cheaper than loading a model.
+    data = task_data(cfg.task)
+    tokenizer = run_tokenizer(cfg, data, run_dir)
+    train_set = encode_dataset(tokenizer, data.train, cfg.task.max_length)
+    valid_set = encode_dataset(tokenizer, data.valid, cfg.task.max_length)
+    lengths = [len(x["input_ids"]) for x in train_set]
+    pad_id = tokenizer.pad_token_id
+
+    torch.manual_seed(cfg.seed)
+    model = load_model(cfg.model, tokenizer)
+    if cfg.method == "lora":
+        apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout)
+    model.to(device).train()
+    optimizer = _optimizer(model, cfg, device)
+    batches_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    fast = cfg.compile if cfg.compile is not None else device.type == "cuda"
+    loss_fn = fastpath.compile_loss(lm_loss) if fast else lm_loss
+    buckets = fastpath.length_buckets(cfg.task.max_length) if fast else None
+
+    epoch, batch_index, step = 0, 0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["trainable"], strict=False)
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        epoch, batch_index, step = ckpt["epoch"], ckpt["batch_index"], ckpt["step"]
+        _set_rng_state(ckpt["rng"])
+        print(f"resuming {run_dir} at epoch {epoch}, step {step}")
+    tracker = Tracker(run_dir, cfg.logger.wandb, asdict(cfg), group=cfg.name,
+                      resume_step=step if ckpt is not None else None)
+
+    def checkpoint() -> None:
+        rundir.save_checkpoint(run_dir / rundir.CHECKPOINT, {
+            "identity": rundir.identity(cfg), "trainable": _trainable_state(model),
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "batch_index": batch_index, "step": step, "rng": _rng_state(),
+        })
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    bar = tqdm(total=total_steps, initial=step, desc=run_dir.name, unit="step", mininterval=1)
+    loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
+    tokens, tokens_total, t_log, train_time = 0, 0, time.perf_counter(), 0.0
+    val_loss, val_step = float("nan"), -1
+    while epoch < cfg.epochs and step < total_steps:
+        batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+        while batch_index < len(batches) and step < total_steps:
+            features = [train_set[i] for i in batches[batch_index]]
+            batch = fastpath.static_batch(features, pad_id, cfg.batch_size, buckets)
+            tokens += sum(len(f["input_ids"]) for f in features)
+            if fast:
+                fastpath.step_begin()
+            with autocast():
+                loss = loss_fn(model, batch["input_ids"].to(device, non_blocking=True),
+                               batch["labels"].to(device, non_blocking=True),
+                               cfg.label_smoothing)
+            (loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach() / cfg.grad_accum
+            batch_index += 1
+            if batch_index % cfg.grad_accum and batch_index < len(batches):
+                continue  # accumulate more micro-batches
+            if cfg.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update()
+            if step % cfg.logger.every == 0 or step == total_steps:
+                elapsed = time.perf_counter() - t_log
+                n = cfg.logger.every if step % cfg.logger.every == 0 else step % cfg.logger.every
+                metrics = {"train_loss": loss_sum.item() / n, "lr": scheduler.get_last_lr()[0],
+                           "tokens_per_s": tokens / elapsed, "epoch": epoch}
+                tracker.log(metrics, step)
+                bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.2e}",
+                                tok_s=f"{metrics['tokens_per_s']:.0f}")
+                train_time += elapsed
+                tokens_total += tokens
+                loss_sum.zero_()
+                tokens, t_log = 0, time.perf_counter()
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                checkpoint()
+        if batch_index >= len(batches):
+            epoch, batch_index = epoch + 1, 0
+            t_val = time.perf_counter()
+            val_loss = validation_loss(model, valid_set, cfg.eval.batch_size, pad_id, device,
+                                       autocast)
+            tracker.log({"val_loss": val_loss, "epoch": epoch}, step)
+            val_step = step
+            checkpoint()
+            t_log += time.perf_counter() - t_val  # keep validation out of tokens/s
+    bar.close()
+    if val_step != step:  # stopped by max_steps inside an epoch, or resumed after the last
+        val_loss = validation_loss(model, valid_set, cfg.eval.batch_size, pad_id, device, autocast)
+        tracker.log({"val_loss": val_loss, "epoch": epoch}, step)
+
+    model.eval()
+    if cfg.method == "lora":
+        save_adapter(model, run_dir / rundir.ADAPTER)
+    metrics = {"val_loss": val_loss}
+    if cfg.eval.test and data.test:
+        from lora_repro.decoding import decode_and_score  # imports the metrics only if needed
+
+        metrics.update(decode_and_score(model, tokenizer, data.test, cfg, run_dir, device))
+    summary = {
+        "identity": rundir.identity(cfg),
+        "config": asdict(cfg),
+        "metrics": metrics,
+        "trainable_params": count_trainable(model),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "steps": step,
+        "train_examples": len(train_set),
+        "wall_time_s": time.perf_counter() - t_start,
+        "train_tokens_per_s": tokens_total / train_time if train_time else None,
+        "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
+        if device.type == "cuda" else None,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "git_commit": rundir.git_commit(),
+        "versions": {"torch": torch.__version__},
+    }
+    tracker.summary({**metrics, "trainable_params": summary["trainable_params"]})
+    tracker.finish()
+    rundir.write_json(summary_path, summary)
+    return summary
