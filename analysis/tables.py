@@ -1,0 +1,255 @@
+"""The LoRA paper's result tables from run summaries (Hu et al. 2021, Tables 3, 5-6 and 18).
+
+A run summary is a dict as `summary.json` holds it (see `lora_repro.rundir`)::
+
+    {"config": {"model": "gpt2-medium" | {"id": ...}, "task": "e2e" | {"name": ...},
+                "method": "lora" | "full" (default "lora"), "targets": "qv", "rank": 4,
+                "seed": 1},
+     "metrics": {"BLEU": 0.704, "NIST": 8.85, "METEOR": 0.468, "ROUGE_L": 0.718,
+                 "CIDEr": 2.53, "val_loss": 1.18},
+     "trainable_params": 350208}
+
+Metrics are on the official E2E scale (BLEU, METEOR, ROUGE-L in 0..1); each table scales
+them as the paper prints them. Runs that differ only in `seed` form one configuration:
+tables show the mean and the sample standard deviation (ddof 1) over seeds, "70.4±.1" as
+in Table 3; a metric a run lacks counts as missing, not as zero. Pure functions returning
+pandas DataFrames, and `write_table` for Markdown, LaTeX and CSV.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from lora_repro.errors import UserError
+from lora_repro.lora.targets import ALLOWED, parse_targets
+from lora_repro.rundir import write_atomic
+
+CONFIG = ("model", "task", "method", "targets", "rank")  # what identifies a configuration
+FRACTIONS = ("BLEU", "METEOR", "ROUGE_L")  # in 0..1 in summaries
+# metric -> (scale, decimals) as each table prints it.
+TABLE3_FORMAT = {"BLEU": (100, 1), "NIST": (1, 2), "METEOR": (100, 1), "ROUGE_L": (100, 1),
+                 "CIDEr": (1, 2)}
+TABLE18_FORMAT = {"val_loss": (1, 2), "BLEU": (100, 2), "NIST": (1, 4), "METEOR": (1, 4),
+                  "ROUGE_L": (1, 4), "CIDEr": (1, 4)}
+HEADERS = {"BLEU": "BLEU", "NIST": "NIST", "METEOR": "MET", "ROUGE_L": "ROUGE-L",
+           "CIDEr": "CIDEr", "val_loss": "Val Loss"}
+MODEL_LABELS = {"gpt2": "GPT-2 S", "gpt2-medium": "GPT-2 M", "gpt2-large": "GPT-2 L",
+                "gpt2-xl": "GPT-2 XL"}
+METHOD_LABELS = {"lora": "LoRA", "full": "FT"}
+
+
+# ---------------------------------------------------------------- runs
+
+
+def _name(value, key: str) -> str:
+    """A model or task as a string: the string itself, or a config dict's "id" / "name"."""
+    if isinstance(value, Mapping):
+        value = value.get(key, value.get("name"))
+    if not isinstance(value, str) or not value:
+        raise KeyError(key)
+    return value
+
+
+def _run_row(summary: Mapping, where: str) -> dict:
+    """One summary as a flat row: CONFIG keys, seed, trainable_params, metrics (raw)."""
+    try:
+        config, metrics = summary["config"], dict(summary["metrics"])
+        method = config.get("method", "lora")
+        row = {
+            "model": _name(config["model"], "id"),
+            "task": _name(config["task"], "name"),
+            "method": method,
+            "targets": parse_targets(config["targets"]) if method == "lora" else "all",
+            "rank": int(config["rank"]) if method == "lora" else pd.NA,
+            "seed": int(config["seed"]),
+            "trainable_params": int(summary["trainable_params"]),
+        }
+    except (KeyError, TypeError) as missing:
+        raise UserError(f"{where}: summary lacks {missing}; expected config.model, config.task, "
+                        "config.targets, config.rank, config.seed, metrics, trainable_params"
+                        ) from None
+    for name in FRACTIONS:
+        if metrics.get(name) is not None and metrics[name] > 1:
+            raise UserError(f"{where}: {name}={metrics[name]} is above 1; summaries hold the "
+                            "official 0..1 scale, not percentages")
+    return row | metrics
+
+
+def runs_frame(summaries: Sequence[Mapping]) -> pd.DataFrame:
+    """One row per run: model, task, method, targets, rank, seed, trainable_params, metrics.
+
+    Metrics stay on the official scale. Raises `UserError` for a summary missing a key, a
+    fraction metric above 1, or two runs of one configuration with the same seed. A summary
+    may carry "run_dir" to name itself in errors.
+    """
+    if not summaries:
+        raise UserError("no run summaries: give at least one run directory with summary.json")
+    rows = [_run_row(s, str(s.get("run_dir", f"summary #{n}"))) for n, s in enumerate(summaries)]
+    runs = pd.DataFrame(rows)
+    runs["rank"] = runs["rank"].astype("Int64")
+    twice = runs.duplicated([*CONFIG, "seed"], keep=False)
+    if twice.any():
+        first = runs[twice].iloc[0]
+        raise UserError("two runs share a configuration and seed ("
+                        + ", ".join(f"{k}={first[k]}" for k in (*CONFIG, "seed"))
+                        + "); keep one, or give them different seeds")
+    return runs
+
+
+def aggregate(runs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """Mean, sample std (ddof 1) and count over seeds, per configuration.
+
+    runs: `runs_frame`. Returns one row per CONFIG (sorted, full fine-tuning first within a
+    model and task) and columns (metric, "mean" | "std" | "n") for each metric, plus
+    ("trainable_params", "mean"); metrics stay on the official scale.
+    """
+    for name in metrics:
+        if name not in runs.columns:
+            runs = runs.assign(**{name: math.nan})
+    runs = runs.astype({name: "float64" for name in metrics})
+    grouped = runs.groupby(list(CONFIG), dropna=False, sort=False)
+    table = grouped[list(metrics)].agg(["mean", "std", "count"]).rename(columns={"count": "n"})
+    table[("trainable_params", "mean")] = grouped["trainable_params"].mean()
+    order = table.index.to_frame(index=False).assign(
+        full=lambda f: f["method"] != "full", size=lambda f: f["targets"].str.len())
+    order = order.sort_values(["model", "task", "full", "size", "targets", "rank"])
+    return table.iloc[order.index]
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def mean_std(mean: float, std: float, decimals: int) -> str:
+    """"70.4±.1" as the paper prints it: the std without its leading zero; the mean alone
+    when std is missing (one seed); "–" when the mean is missing."""
+    if pd.isna(mean):
+        return "–"
+    text = f"{mean:.{decimals}f}"
+    if pd.isna(std):
+        return text
+    spread = f"{std:.{decimals}f}"
+    return f"{text}±{spread[1:] if spread.startswith('0.') else spread}"
+
+
+def params_label(n: float) -> str:
+    """Trainable parameters as Table 3 prints them: "0.35M", "354.92M"; below 0.1M, "98.3K"."""
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
+
+
+def targets_label(targets: str) -> str:
+    """"qv" -> "Wq, Wv" (Tables 5-6); "all" for full fine-tuning."""
+    return "all" if targets == "all" else ", ".join(f"W{t}" for t in targets)
+
+
+def _formatted(table: pd.DataFrame, fmt: Mapping[str, tuple[float, int]]) -> pd.DataFrame:
+    """Columns HEADERS[metric] of mean±std strings, scaled and rounded as `fmt` says."""
+    return pd.DataFrame({
+        HEADERS[m]: [mean_std(mu * scale, sd * scale, d)
+                     for mu, sd in zip(table[(m, "mean")], table[(m, "std")], strict=True)]
+        for m, (scale, d) in fmt.items()
+    }, index=table.index)
+
+
+# ---------------------------------------------------------------- tables
+
+
+def table3(summaries: Sequence[Mapping],
+           fmt: Mapping[str, tuple[float, int]] | None = None) -> pd.DataFrame:
+    """Table 3: one row per configuration, "# Trainable Parameters" and mean±std over seeds of
+    BLEU, NIST, MET, ROUGE-L, CIDEr (BLEU, MET, ROUGE-L x100). Index: "Model & Method"
+    ("GPT-2 M (LoRA)"), "Task", "Weight Type" ("Wq, Wv"), "r" ("–" for full fine-tuning).
+    fmt: metric -> (scale, decimals), default `TABLE3_FORMAT`."""
+    fmt = TABLE3_FORMAT if fmt is None else fmt
+    table = aggregate(runs_frame(summaries), list(fmt))
+    out = _formatted(table, fmt)
+    out.insert(0, "# Trainable Parameters",
+               [params_label(n) for n in table[("trainable_params", "mean")]])
+    keys = table.index.to_frame(index=False)
+    out.index = pd.MultiIndex.from_arrays([
+        [f"{MODEL_LABELS.get(m, m)} ({METHOD_LABELS.get(k, k)})"
+         for m, k in zip(keys["model"], keys["method"], strict=True)],
+        keys["task"],
+        [targets_label(t) for t in keys["targets"]],
+        ["–" if pd.isna(r) else str(r) for r in keys["rank"]],
+    ], names=["Model & Method", "Task", "Weight Type", "r"])
+    return out
+
+
+def _only(runs: pd.DataFrame, keys: Sequence[str], what: str) -> None:
+    """UserError unless every run shares one value of each key (one model, task, ...)."""
+    for key in keys:
+        values = sorted(runs[key].astype(str).unique())
+        if len(values) > 1:
+            raise UserError(f"{what} needs one {key}, the runs have {values}; select runs first")
+
+
+def table18(summaries: Sequence[Mapping],
+            fmt: Mapping[str, tuple[float, int]] | None = None) -> pd.DataFrame:
+    """Table 18: validation loss and test metrics against the rank r (Appendix H.2).
+
+    All summaries must share model, task and targets (LoRA runs only). Rows: "Rank r"
+    ascending; cells mean±std over seeds, printed as the paper does (BLEU x100 with 2
+    decimals, NIST, METEOR, ROUGE-L, CIDEr raw with 4, val loss with 2: `TABLE18_FORMAT`).
+    """
+    fmt = TABLE18_FORMAT if fmt is None else fmt
+    runs = runs_frame(summaries)
+    if (runs["method"] != "lora").any():
+        raise UserError("table18 plots LoRA runs against rank; drop the full fine-tuning runs")
+    _only(runs, ("model", "task", "targets"), "table18")
+    table = aggregate(runs, list(fmt))
+    out = _formatted(table, fmt).rename(columns={"MET": "METEOR"})
+    out.index = pd.Index(table.index.get_level_values("rank"), name="Rank r")
+    return out.sort_index()
+
+
+def targets_rank_grid(summaries: Sequence[Mapping], metric: str = "BLEU",
+                      scale: float | None = None) -> pd.DataFrame:
+    """Tables 5-6: the mean of `metric` over seeds, rows "Weight Type" ("Wq", "Wq, Wv", ...,
+    fewer targets first), columns r ascending; NaN where no run exists (Table 5's
+    same-budget layout has one rank per row). All runs must share model and task.
+
+    scale defaults to Table 3's (x100 for BLEU, METEOR, ROUGE-L). Numbers, not strings.
+    """
+    runs = runs_frame(summaries)
+    runs = runs[runs["method"] == "lora"]
+    if runs.empty:
+        raise UserError("targets_rank_grid needs LoRA runs; the summaries hold none")
+    _only(runs, ("model", "task"), "targets_rank_grid")
+    if scale is None:
+        scale = TABLE3_FORMAT.get(metric, (1, 2))[0]
+    table = aggregate(runs, [metric])[(metric, "mean")] * scale
+    grid = table.droplevel(["model", "task", "method"]).unstack("rank")
+    grid = grid.reindex(sorted(grid.index, key=lambda t: (len(t), [ALLOWED.index(c) for c in t])))
+    grid = grid.reindex(columns=sorted(grid.columns))
+    grid.index = pd.Index([targets_label(t) for t in grid.index], name="Weight Type")
+    grid.columns = pd.Index([int(r) for r in grid.columns], name="r")
+    return grid
+
+
+# ---------------------------------------------------------------- writers
+
+
+def write_table(table: pd.DataFrame, path: str | Path, decimals: int = 1) -> Path:
+    """Write a table as Markdown (.md), LaTeX (.tex) or CSV (.csv), chosen by suffix.
+
+    Floats (e.g. `targets_rank_grid`) print with `decimals` in Markdown and LaTeX; CSV keeps
+    full precision. The file is written to a temporary name and renamed.
+    """
+    path = Path(path)
+    float_format = f"{{:.{decimals}f}}".format
+    if path.suffix == ".md":  # index levels become ordinary, named columns
+        flat = table.reset_index() if any(table.index.names) else table
+        text = flat.to_markdown(index=flat is table, floatfmt=f".{decimals}f") + "\n"
+    elif path.suffix == ".tex":
+        text = table.to_latex(float_format=float_format, na_rep="–")
+    elif path.suffix == ".csv":
+        text = table.to_csv()
+    else:
+        raise UserError(f"table file {path}: allowed suffixes .md, .tex, .csv")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, text)
+    return path
