@@ -1,0 +1,100 @@
+"""Time the paper's analysis on a GPT-2 Medium-sized model (24 layers, d_model 1024).
+
+    python -m bench.analysis_grid [--device cuda] [--layers 24] [--d 1024]
+
+Random matrices stand in for trained adapters (the math costs the same). For each of
+layers x {Wq, Wv} it times, separately:
+  fig3   phi(A_r=8, A_r=64) grids (Section 7.2, Figure 3), one SVD per A
+  fig4   phi(A_r=64 seed 1, A_r=64 seed 2) grids (Figure 4)
+  table7 projection norms and amplification for r = 1, 2, 4, 8, 64 (Table 7, App. H.4),
+         dW from its LoRA factors (`svd_of_product`), W decomposed once per matrix
+  fig8   phi(W top-k, dW top-r) for r = 4, 8, 64 (Appendix H.3), same W decomposition
+  erank  effective rank of a dense (full fine-tuning) dW, singular values only
+Prints seconds per stage and in total. Inputs are drawn before the clock starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+
+import torch
+
+from analysis import linalg as L
+
+RANKS = (1, 2, 4, 8, 64)
+FIG8_RANKS = (4, 8, 64)
+
+
+def make_inputs(layers: int, d: int, device: str, seed: int = 0) -> list[dict]:
+    """Per (layer, matrix): W (d, d), A_r=8, two A_r=64 and LoRA factors for each rank."""
+    g = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(*shape, generator=g).to(device)  # float32, like weights
+    return [
+        {
+            "W": randn(d, d),
+            "A8": randn(8, d),
+            "A64": randn(64, d),
+            "A64_seed2": randn(64, d),
+            "factors": {r: (randn(d, r) * 1e-2, randn(r, d)) for r in RANKS},
+            "dense_dW": randn(d, d) * 1e-3,
+        }
+        for _ in range(2 * layers)
+    ]
+
+
+def fig3(m: dict) -> None:
+    L.subspace_similarity_grid(m["A8"], m["A64"])
+
+
+def fig4(m: dict) -> None:
+    L.subspace_similarity_grid(m["A64"], m["A64_seed2"])
+
+
+def table7_and_fig8(m: dict) -> None:
+    W_svd = L.svd(m["W"], "W")
+    ks = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, m["W"].shape[0]]
+    for r, (B, A) in m["factors"].items():
+        dW = L.svd_of_product(B, A)
+        L.projection_norms(m["W"], dW, r, W_svd=W_svd)
+        if r in FIG8_RANKS:
+            L.top_singular_similarity(W_svd, dW, ks, r)
+
+
+def erank(m: dict) -> None:
+    S = torch.linalg.svdvals(m["dense_dW"].double() if m["dense_dW"].is_cpu else m["dense_dW"])
+    L.effective_rank(S)
+    L.effective_rank(S, "energy")
+
+
+def timed(stage: Callable[[dict], None], inputs: list[dict], device: str) -> float:
+    start = time.perf_counter()
+    for m in inputs:
+        stage(m)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--layers", type=int, default=24)
+    parser.add_argument("--d", type=int, default=1024)
+    args = parser.parse_args()
+    inputs = make_inputs(args.layers, args.d, args.device)
+    timed(fig3, inputs[:1], args.device)  # warm-up (lazy LAPACK / cuSOLVER init)
+    print(f"{len(inputs)} matrices ({args.layers} layers x Wq, Wv), d={args.d}, "
+          f"device={args.device}, torch threads={torch.get_num_threads()}")
+    total = 0.0
+    for name, stage in [("fig3", fig3), ("fig4", fig4),
+                        ("table7+fig8", table7_and_fig8), ("erank", erank)]:
+        seconds = timed(stage, inputs, args.device)
+        total += seconds
+        print(f"{name:12s} {seconds:8.3f} s")
+    print(f"{'total':12s} {total:8.3f} s")
+
+
+if __name__ == "__main__":
+    main()
