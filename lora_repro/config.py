@@ -38,7 +38,7 @@ class ModelConfig:
 
 @dataclass
 class TaskConfig:
-    name: str = "e2e"  # e2e | webnlg | dart | synthetic
+    name: str = "e2e"  # e2e | webnlg | dart | synthetic | corpus
     data_dir: str | None = None  # local files in the official format; None = the hub
     train_file: str = "trainset.csv"  # file names inside data_dir (task yaml: official names)
     valid_file: str | None = "devset.csv"  # None: no validation file (see valid_fraction)
@@ -55,6 +55,9 @@ class TaskConfig:
     max_length: int = 512  # tokens per example (prompt + target + eos)
     length_penalty: float = 0.9  # beam search; the paper's Table 11: 0.9 E2E, 0.8 WebNLG/DART
     metrics: str = "e2e"  # e2e (official E2E script) | bleu_meteor (WebNLG, DART)
+    paths: list[str] = field(default_factory=list)  # corpus: .txt/.txt.gz/.txt.xz files, globs
+    block_size: int = 512  # corpus: tokens per packed block
+    cache_dir: str | None = "~/.cache/lora_repro/corpus"  # corpus: tokenized cache; None: off
 
 
 @dataclass
@@ -99,12 +102,16 @@ class TrainConfig:
     batch_size: int = 8
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup_steps: int = 500
+    lr_schedule: str = "linear"  # linear (the paper) | cosine, both to 0 after warm-up
+    adam_beta2: float = 0.999
+    max_time_min: float | None = None  # fit the run (and its lr schedule) into this wall time
     label_smoothing: float = 0.1
     max_grad_norm: float = 0.0  # 0 = no clipping (the paper's code default)
     checkpoint_every: int = 1000  # optimizer steps between checkpoints (also at epoch ends)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | fp32 | bf16
     compile: bool | None = None  # the fast path (torch.compile); None = on for CUDA
+    threads: int | None = None  # CPU threads for torch; None = torch's default
 
 
 ALLOWED = {
@@ -113,6 +120,7 @@ ALLOWED = {
     "model.attn_implementation": ("sdpa", "eager"),
     "task.metrics": ("e2e", "bleu_meteor"),
     "precision": ("auto", "fp32", "bf16"),
+    "lr_schedule": ("linear", "cosine"),
     "logger.wandb.mode": (None, "online", "offline", "disabled"),
 }
 

@@ -8,6 +8,8 @@ length ** length_penalty.
 
 from __future__ import annotations
 
+import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -70,12 +72,23 @@ def beam_decode(
 
 
 def score(task_metrics: str, references: list[list[str]], predictions: list[str]) -> dict:
-    """Official E2E metrics (`e2e`) or BLEU + METEOR (`bleu_meteor`, WebNLG and DART)."""
-    from lora_repro import metrics
+    """Official E2E metrics (`e2e`) or BLEU + METEOR (`bleu_meteor`, WebNLG and DART).
 
+    Without Java, METEOR, ROUGE-L and CIDEr are skipped with one warning line, so a GPU
+    machine without Java still gets BLEU (and NIST); `python -m lora_repro.evaluate score
+    run=DIR` completes the scores elsewhere."""
+    from lora_repro import metrics
+    from lora_repro.metrics.coco import JAVA_METRICS
+
+    wanted = metrics.E2E_METRICS if task_metrics == "e2e" else ("BLEU", "METEOR")
+    if shutil.which("java") is None:
+        skipped = [m for m in wanted if m in JAVA_METRICS]
+        wanted = [m for m in wanted if m not in JAVA_METRICS]
+        print(f"warning: {', '.join(skipped)} skipped: they need Java, which is not on PATH",
+              file=sys.stderr)
     if task_metrics == "e2e":
-        return metrics.score_e2e(references, predictions)
-    return metrics.score_bleu_meteor(references, predictions)
+        return metrics.score_e2e(references, predictions, wanted)
+    return metrics.score_bleu_meteor(references, predictions, wanted)
 
 
 def decode_and_score(
@@ -90,12 +103,13 @@ def decode_and_score(
     write `predictions.txt` into the run directory and return the test metrics."""
     if lora_settings(model) is not None:
         merge_lora(model)
-    predictions = beam_decode(
-        model, tokenizer, [t.source for t in test],
-        beam=cfg.eval.beam, length_penalty=cfg.task.length_penalty,
-        no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size,
-        max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-        max_prompt_length=cfg.task.max_length, device=device,
-    )
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        predictions = beam_decode(
+            model, tokenizer, [t.source for t in test],
+            beam=cfg.eval.beam, length_penalty=cfg.task.length_penalty,
+            no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size,
+            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+            max_prompt_length=cfg.task.max_length, device=device,
+        )
     rundir.write_atomic(Path(run_dir) / rundir.PREDICTIONS, "".join(p + "\n" for p in predictions))
     return score(cfg.task.metrics, [list(t.references) for t in test], predictions)

@@ -1,11 +1,16 @@
-"""Evaluation commands: ``score`` (E2E metrics of a hypothesis file); ``decode`` to come.
+"""Evaluation commands: ``score`` a hypothesis file or a run, ``decode`` a run's test set.
 
     python -m lora_repro.evaluate score --refs testset_w_refs.csv --hyp outputs.txt
         [--metrics BLEU,NIST,METEOR,ROUGE_L,CIDEr]
+    python -m lora_repro.evaluate decode run=runs/smoke/r4-qv-s1 [eval.beam=5 ...]
+    python -m lora_repro.evaluate score run=runs/smoke/r4-qv-s1
 
-prints one JSON object, e.g. ``{"BLEU": 0.66, "NIST": 8.5, ...}``, on the official E2E
-scale (``measure_scores.py -p`` of github.com/tuetschek/e2e-metrics). Mistakes a user can
-fix print ``error: <message>`` on stderr and exit with status 2.
+``score`` prints one JSON object, e.g. ``{"BLEU": 0.66, "NIST": 8.5, ...}``, on the official
+E2E scale (``measure_scores.py -p`` of github.com/tuetschek/e2e-metrics). ``decode`` loads
+the run's base model and adapter, merges, beam-decodes every test source into the run's
+``predictions.txt``, scores it and adds the metrics to ``summary.json``; ``score run=``
+re-scores an existing ``predictions.txt`` (e.g. decoded on a GPU machine without Java).
+Mistakes a user can fix print ``error: <message>`` on stderr and exit with status 2.
 """
 
 from __future__ import annotations
@@ -13,15 +18,83 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
+from lora_repro import rundir
 from lora_repro.errors import UserError
 from lora_repro.metrics import E2E_METRICS, check_metrics, read_hyps, read_refs_csv, score_e2e
 from lora_repro.metrics.coco import require_java
 
 
+def split_run_args(args: Sequence[str]) -> tuple[Path, list[str]]:
+    """``run=PATH`` and the ``key=value`` config overrides among positional arguments."""
+    runs = [a.split("=", 1)[1] for a in args if a.startswith("run=")]
+    overrides = [a for a in args if not a.startswith("run=")]
+    if len(runs) != 1:
+        raise UserError("give exactly one run=PATH (a job directory under runs/)")
+    bad = [a for a in overrides if "=" not in a]
+    if bad:
+        raise UserError(f"{bad[0]!r}: overrides are key=value, e.g. eval.beam=5")
+    return Path(runs[0]), overrides
+
+
+def _update_summary(run_dir: Path, metrics: dict) -> None:
+    path = run_dir / rundir.SUMMARY
+    if path.is_file():
+        summary = rundir.read_json(path)
+        summary["metrics"].update(metrics)
+        rundir.write_json(path, summary)
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    """``decode run=DIR``: decode the run's test set, score it, update its summary."""
+    from lora_repro import runs
+    from lora_repro.config import validate
+    from lora_repro.decoding import decode_and_score
+    from lora_repro.modeling import resolve_device
+    from lora_repro.trainer import task_data
+
+    run_dir, overrides = split_run_args(args.args)
+    cfg = validate(runs.run_config(run_dir, overrides))
+    device = resolve_device(cfg.device)
+    test = task_data(cfg.task).test
+    if not test:
+        raise UserError(f"task {cfg.task.name!r} of run={run_dir} has no test split")
+    model = runs.trained_model(run_dir, cfg).to(device)
+    t0 = time.perf_counter()
+    metrics = decode_and_score(model, runs.run_tokenizer(run_dir, cfg), test, cfg, run_dir, device)
+    metrics["decode_s"] = time.perf_counter() - t0
+    _update_summary(run_dir, metrics)
+    print(json.dumps(metrics))
+    return 0
+
+
+def score_run(run_dir: Path, overrides: list[str]) -> dict:
+    """Score a run's ``predictions.txt`` against its task's test references."""
+    from lora_repro import runs
+    from lora_repro.decoding import score
+    from lora_repro.trainer import task_data
+
+    cfg = runs.run_config(run_dir, overrides)
+    path = run_dir / rundir.PREDICTIONS
+    hyps = read_hyps(path)
+    test = task_data(cfg.task).test
+    if len(hyps) != len(test):
+        raise UserError(f"{path} has {len(hyps)} lines, the test split {len(test)} sources")
+    metrics = score(cfg.task.metrics, [list(t.references) for t in test], hyps)
+    _update_summary(run_dir, metrics)
+    return metrics
+
+
 def run_score(args: argparse.Namespace) -> int:
     """``score``: validate everything cheap first, then run the scorers once."""
+    if args.args:
+        print(json.dumps(score_run(*split_run_args(args.args))))
+        return 0
+    if not (args.refs and args.hyp):
+        raise UserError("give --refs REFS.csv and --hyp HYP.txt, or run=PATH")
     metrics = check_metrics(args.metrics.split(","))
     _, refs = read_refs_csv(args.refs)
     hyps = read_hyps(args.hyp)
@@ -38,9 +111,10 @@ def add_score_parser(subparsers) -> None:
         "score", help="E2E metrics of a hypothesis file against a references CSV",
         description="Score one output line per MR against the references, as the official "
                     "E2E script (measure_scores.py -p) does.")
-    parser.add_argument("--refs", required=True,
-                        help="references CSV with columns mr,ref (several rows per MR)")
-    parser.add_argument("--hyp", required=True, help="text file, one output per MR")
+    parser.add_argument("args", nargs="*", metavar="run=PATH",
+                        help="score a run's predictions.txt instead (and update its summary)")
+    parser.add_argument("--refs", help="references CSV with columns mr,ref (several rows per MR)")
+    parser.add_argument("--hyp", help="text file, one output per MR")
     parser.add_argument("--metrics", default=",".join(E2E_METRICS),
                         help=f"comma-separated subset of {','.join(E2E_METRICS)}")
     parser.set_defaults(func=run_score)
@@ -51,10 +125,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_score_parser(subparsers)
-    # ---- decode --------------------------------------------------------------------
-    # Add the `decode` subcommand here: `add_decode_parser(subparsers)`, with positional
-    # `run=PATH` and `key=value` overrides and `set_defaults(func=run_decode)`.
-    # ---------------------------------------------------------------------------------
+    decode = subparsers.add_parser(
+        "decode", help="beam-decode a run's test set, score it, update its summary.json",
+        description="Load the run's base model and adapter, merge, and decode every test "
+                    "source with the paper's beam search (config keys eval.* and "
+                    "task.length_penalty; override them as key=value).")
+    decode.add_argument("args", nargs="+", metavar="run=PATH [key=value ...]")
+    decode.set_defaults(func=run_decode)
     return parser
 
 

@@ -6,6 +6,7 @@
         metrics.jsonl           one JSON object per logged step or epoch
         predictions.txt         decoded test outputs, one line per unique source
         tokenizer/              only for model.tokenizer=bpe: the tokenizer trained on the task
+        model/                  only for method=full: the fine-tuned model (Hugging Face format)
         summary.json            written last and atomically; a job without it is incomplete
         checkpoints/last.pt     resume state (weights, optimizer, scheduler, RNG, data position)
 
@@ -32,8 +33,9 @@ METRICS = "metrics.jsonl"
 PREDICTIONS = "predictions.txt"
 CHECKPOINT = "checkpoints/last.pt"
 TOKENIZER = "tokenizer"  # only for model.tokenizer=bpe, trained on the task
+MODEL = "model"  # method=full: the fine-tuned model as a Hugging Face directory
 # Keys that do not change what a run computes: a rerun with other values resumes it.
-NOT_IDENTITY = ("logger", "eval", "device", "compile", "name")
+NOT_IDENTITY = ("logger", "eval", "device", "compile", "threads", "name")
 
 
 def write_atomic(path: Path, text: str) -> None:

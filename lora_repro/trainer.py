@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import get_linear_schedule_with_warmup
 
 from lora_repro import fastpath, rundir
 from lora_repro.config import TaskConfig, TrainConfig
@@ -31,8 +30,10 @@ from lora_repro.data import (
     load_task,
     prompt_text,
 )
+from lora_repro.data.corpus import Blocks, load_corpus
 from lora_repro.data.encoding import IGNORE_INDEX
 from lora_repro.data.tasks import TASKS, default_options
+from lora_repro.errors import UserError
 from lora_repro.lora import apply_lora, count_trainable, save_adapter
 from lora_repro.modeling import load_model, load_tokenizer, resolve_device, train_bpe
 from lora_repro.tracking import Tracker
@@ -45,6 +46,40 @@ def task_data(task: TaskConfig) -> TaskData:
     return load_task(task.name, data_dir=task.data_dir, seed=task.seed, **options)
 
 
+def load_data(cfg: TrainConfig, run_dir: Path):
+    """(tokenizer, train set, valid set, test sources). Example tasks are encoded as
+    `{"input_ids", "labels"}` dicts; the corpus task gives packed blocks that read the same."""
+    if cfg.task.name == "corpus":
+        if cfg.model.tokenizer == "bpe":
+            raise UserError("model.tokenizer=bpe trains on example tasks; give a GPT-2 tokenizer")
+        tokenizer = load_tokenizer(cfg.model.tokenizer)
+        cache = Path(cfg.task.cache_dir).expanduser() if cfg.task.cache_dir else None
+        train, valid = load_corpus(cfg.task.paths, tokenizer, cfg.task.block_size,
+                                   cfg.task.valid_fraction, cfg.task.seed, cache)
+        return tokenizer, Blocks(train), Blocks(valid), []
+    data = task_data(cfg.task)
+    tokenizer = run_tokenizer(cfg, data, run_dir)
+    train_set = encode_dataset(tokenizer, data.train, cfg.task.max_length)
+    valid_set = encode_dataset(tokenizer, data.valid, cfg.task.max_length)
+    return tokenizer, train_set, valid_set, data.test
+
+
+class Schedule:
+    """The learning-rate factor: linear warm-up, then linear (the paper) or cosine decay to 0
+    at step `total`. A callable object, so `LambdaLR` saves `total` in its state_dict."""
+
+    def __init__(self, warmup: int, total: int, kind: str):
+        self.warmup, self.total, self.kind = warmup, total, kind
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        if self.kind == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def run_tokenizer(cfg: TrainConfig, data: TaskData, run_dir: Path):
     """The run's tokenizer; one trained on the task ("bpe") is saved to `run_dir/tokenizer`."""
     if cfg.model.tokenizer != "bpe":
@@ -53,6 +88,31 @@ def run_tokenizer(cfg: TrainConfig, data: TaskData, run_dir: Path):
     tokenizer = train_bpe(texts, cfg.model.vocab_size)
     tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
     return tokenizer
+
+
+class TimeBudget:
+    """Fit the run into `minutes` of wall time: after a probe of 30 steps past compilation
+    and warm-up, shrink the total step count (and so the lr schedule) to what fits."""
+
+    PROBE = (20, 50)  # steps after the start of this process's loop
+
+    def __init__(self, minutes: float | None, start_step: int, device: torch.device):
+        self.minutes, self.start, self.device = minutes, start_step, device
+        self.t0 = time.perf_counter()
+        self.t_probe = None
+
+    def fits(self, step: int, total: int) -> int:
+        if self.minutes is None or step - self.start not in self.PROBE:
+            return total
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        if step - self.start == self.PROBE[0]:
+            self.t_probe = now
+            return total
+        per_step = (now - self.t_probe) / (self.PROBE[1] - self.PROBE[0])
+        left = self.minutes * 60 - (now - self.t0)
+        return min(total, step + max(0, int(left / per_step)))
 
 
 def lm_loss(
@@ -115,13 +175,13 @@ def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    """AdamW as the paper's code (betas 0.9/0.999); biases and LayerNorms get no decay."""
+    """AdamW as the paper's code (betas 0.9 / adam_beta2); biases and LayerNorms get no decay."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-6,
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, cfg.adam_beta2), eps=1e-6,
                              fused=device.type == "cuda")
 
 
@@ -133,6 +193,7 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def train(cfg: TrainConfig, run_dir: Path) -> dict:
     """Run (or resume, or skip if complete) one training job in `run_dir`; return its summary."""
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / rundir.SUMMARY
     if summary_path.is_file():
         summary = rundir.read_json(summary_path)
@@ -144,20 +205,22 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         rundir.check_same_run(run_dir, ckpt["identity"], cfg)
     device = resolve_device(cfg.device)
     autocast = _autocast(cfg, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
 
     # Data first: its errors are cheaper than loading a model.
-    data = task_data(cfg.task)
-    tokenizer = run_tokenizer(cfg, data, run_dir)
-    train_set = encode_dataset(tokenizer, data.train, cfg.task.max_length)
-    valid_set = encode_dataset(tokenizer, data.valid, cfg.task.max_length)
+    tokenizer, train_set, valid_set, test = load_data(cfg, run_dir)
     lengths = [len(x["input_ids"]) for x in train_set]
     pad_id = tokenizer.pad_token_id
+    max_length = cfg.task.block_size if cfg.task.name == "corpus" else cfg.task.max_length
 
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, tokenizer)
     if cfg.method == "lora":
         apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout)
+    else:
+        model.requires_grad_(True)  # full fine-tuning (or pretraining): every parameter
     model.to(device).train()
     optimizer = _optimizer(model, cfg, device)
     batches_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
@@ -165,10 +228,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     total_steps = cfg.epochs * steps_per_epoch
     if cfg.max_steps is not None:
         total_steps = min(total_steps, cfg.max_steps)
-    scheduler = get_linear_schedule_with_warmup(optimizer, cfg.warmup_steps, total_steps)
+    schedule = Schedule(cfg.warmup_steps, total_steps, cfg.lr_schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     fast = cfg.compile if cfg.compile is not None else device.type == "cuda"
     loss_fn = fastpath.compile_loss(lm_loss) if fast else lm_loss
-    buckets = fastpath.length_buckets(cfg.task.max_length) if fast else None
+    buckets = fastpath.length_buckets(max_length) if fast else None
 
     epoch, batch_index, step = 0, 0, 0
     if ckpt is not None:
@@ -176,6 +240,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         epoch, batch_index, step = ckpt["epoch"], ckpt["batch_index"], ckpt["step"]
+        total_steps = schedule.total  # restored with the scheduler (a time budget may set it)
         _set_rng_state(ckpt["rng"])
         print(f"resuming {run_dir} at epoch {epoch}, step {step}")
     tracker = Tracker(run_dir, cfg.logger.wandb, asdict(cfg), group=cfg.name,
@@ -194,6 +259,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
     tokens, tokens_total, t_log, train_time = 0, 0, time.perf_counter(), 0.0
     val_loss, val_step = float("nan"), -1
+    budget = TimeBudget(cfg.max_time_min, step, device)
     while epoch < cfg.epochs and step < total_steps:
         batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
         while batch_index < len(batches) and step < total_steps:
@@ -218,6 +284,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update()
+            fitted = budget.fits(step, total_steps)
+            if fitted != total_steps:  # the time budget shortens the run and its schedule
+                total_steps = schedule.total = bar.total = fitted
             if step % cfg.logger.every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t_log
                 n = cfg.logger.every if step % cfg.logger.every == 0 else step % cfg.logger.every
@@ -249,11 +318,14 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     model.eval()
     if cfg.method == "lora":
         save_adapter(model, run_dir / rundir.ADAPTER)
-    metrics = {"val_loss": val_loss}
-    if cfg.eval.test and data.test:
+    else:  # a Hugging Face directory, usable as model.name=<run_dir>/model
+        model.save_pretrained(run_dir / rundir.MODEL)
+        tokenizer.save_pretrained(run_dir / rundir.MODEL)
+    metrics = {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 50))}
+    if cfg.eval.test and test:
         from lora_repro.decoding import decode_and_score  # imports the metrics only if needed
 
-        metrics.update(decode_and_score(model, tokenizer, data.test, cfg, run_dir, device))
+        metrics.update(decode_and_score(model, tokenizer, test, cfg, run_dir, device))
     summary = {
         "identity": rundir.identity(cfg),
         "config": asdict(cfg),
@@ -262,6 +334,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         "total_params": sum(p.numel() for p in model.parameters()),
         "steps": step,
         "train_examples": len(train_set),
+        "train_tokens": tokens_total,
         "wall_time_s": time.perf_counter() - t_start,
         "train_tokens_per_s": tokens_total / train_time if train_time else None,
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30

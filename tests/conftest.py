@@ -1,11 +1,16 @@
 """Shared fixtures: tiny GPT-2 models and the optional `../shared` data folder."""
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# Tiny models gain nothing from several threads, and OpenMP threads that compete with another
+# process for 2 cores (the METEOR JVM, a CLI subprocess) slow a step down 20-fold.
+torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"
 
 
 @pytest.fixture

@@ -216,3 +216,18 @@ def load_corpus(
         raise UserError(f"task.block_size={block_size}: the corpus ({len(tokens)} tokens) gives "
                         f"{len(train)} train and {len(valid)} valid blocks; need >= 1 each")
     return train, valid
+
+
+class Blocks:
+    """Packed blocks (n, block_size) read like encoded examples: row i is
+    ``{"input_ids": ids, "labels": ids}`` (a language model's loss on every token)."""
+
+    def __init__(self, blocks: np.ndarray):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i: int) -> dict[str, list[int]]:
+        ids = self.blocks[i].tolist()
+        return {"input_ids": ids, "labels": ids}

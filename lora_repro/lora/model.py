@@ -174,8 +174,17 @@ def lora_factors(model: nn.Module) -> dict[Key, tuple[torch.Tensor, torch.Tensor
     }
 
 
-def delta_weights(model: nn.Module) -> dict[Key, torch.Tensor]:
-    """dW = (alpha / r) B A of every adapted (layer, matrix), each d_out x d_in."""
+def delta_weights(
+    model: nn.Module, base: nn.Module | None = None, targets: str = "qkvo"
+) -> dict[Key, torch.Tensor]:
+    """dW (d_out x d_in) per (layer, matrix).
+
+    LoRA (no `base`): dW = (alpha / r) B A of every adapted matrix. Full fine-tuning: pass the
+    pre-trained `base`, and get dW = W_model - W_base for the matrices in `targets`.
+    """
+    if base is not None:
+        tuned, start = base_weights(model, targets), base_weights(base, targets)
+        return {key: tuned[key] - start[key] for key in tuned}
     return {
         (i, t.letter): d
         for i, m in _require_lora(model)

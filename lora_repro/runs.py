@@ -1,0 +1,94 @@
+"""Read run directories back: config, tokenizer, base and trained models, A/B factors, dW.
+
+The inverse of what `lora_repro.trainer.train` writes (layout in `lora_repro.rundir`); used
+by `lora_repro.evaluate decode` and the `analysis` commands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase
+
+from lora_repro import rundir
+from lora_repro.config import TrainConfig
+from lora_repro.errors import UserError
+from lora_repro.lora import (
+    adapter_factors,
+    delta_weight,
+    delta_weights,
+    load_adapter,
+    read_adapter,
+)
+from lora_repro.modeling import load_model, load_tokenizer
+
+Key = tuple[int, str]
+
+
+def is_complete(run_dir: Path) -> bool:
+    return (Path(run_dir) / rundir.SUMMARY).is_file()
+
+
+def run_config(run_dir: Path, overrides: list[str] | None = None) -> TrainConfig:
+    """The run's config (from summary.json, else .hydra/config.yaml), with `key=value`
+    overrides such as `eval.beam=5` applied and type-checked."""
+    run_dir = Path(run_dir)
+    if is_complete(run_dir):
+        saved = OmegaConf.create(rundir.read_json(run_dir / rundir.SUMMARY)["config"])
+    elif (run_dir / ".hydra" / "config.yaml").is_file():
+        saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    else:
+        raise UserError(f"run={run_dir}: not a run directory (no summary.json or .hydra/)")
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    try:
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides or []))
+    except Exception as e:  # omegaconf's errors name the key but span several lines
+        raise UserError(f"bad override in {overrides}: {str(e).splitlines()[0]}") from None
+    return OmegaConf.to_object(cfg)
+
+
+def run_tokenizer(run_dir: Path, cfg: TrainConfig) -> PreTrainedTokenizerBase:
+    """The tokenizer the run trained with (a task-trained BPE is saved in the run dir)."""
+    if cfg.model.tokenizer == "bpe":
+        from transformers import PreTrainedTokenizerFast
+
+        return PreTrainedTokenizerFast.from_pretrained(Path(run_dir) / rundir.TOKENIZER)
+    return load_tokenizer(cfg.model.tokenizer)
+
+
+def base_model(run_dir: Path, cfg: TrainConfig | None = None) -> GPT2LMHeadModel:
+    """The run's frozen base W_0 (rebuilt from its seed for `model.init=random`), fp32, CPU."""
+    cfg = cfg or run_config(run_dir)
+    return load_model(cfg.model, run_tokenizer(run_dir, cfg)).eval()
+
+
+def trained_model(run_dir: Path, cfg: TrainConfig | None = None) -> GPT2LMHeadModel:
+    """Base model plus the run's adapter (LoRA, dropout off), or the fully fine-tuned model."""
+    run_dir = Path(run_dir)
+    cfg = cfg or run_config(run_dir)
+    if cfg.method == "full":
+        path = run_dir / rundir.MODEL
+        if not (path / "config.json").is_file():
+            raise UserError(f"run={run_dir}: no fine-tuned model in {path} (is the run complete?)")
+        return GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
+    return load_adapter(base_model(run_dir, cfg), run_dir / rundir.ADAPTER, dropout=0.0)
+
+
+def lora_factors_of(run_dir: Path) -> tuple[dict[Key, tuple[torch.Tensor, torch.Tensor]], dict]:
+    """A (r x d_in) and B (d_out x r) per (layer, matrix) from the adapter file, and its
+    metadata (rank, alpha, targets, ...). No model is loaded."""
+    tensors, meta = read_adapter(Path(run_dir) / rundir.ADAPTER)
+    return adapter_factors(tensors, meta), meta
+
+
+def delta_weights_of(run_dir: Path) -> dict[Key, torch.Tensor]:
+    """dW (d_out x d_in) per (layer, matrix): (alpha/r) B A for LoRA runs, W_ft - W_0 for
+    full fine-tuning (of the attention matrices q, k, v, o)."""
+    cfg = run_config(run_dir)
+    if cfg.method == "full":
+        return delta_weights(trained_model(run_dir, cfg), base=base_model(run_dir, cfg))
+    factors, meta = lora_factors_of(run_dir)
+    scaling = float(meta["alpha"]) / int(meta["rank"])
+    return {key: delta_weight(a, b, scaling) for key, (a, b) in factors.items()}
