@@ -54,7 +54,8 @@ def fig4(m: dict) -> None:
 
 def table7_and_fig8(m: dict) -> None:
     W_svd = L.svd(m["W"], "W")
-    ks = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, m["W"].shape[0]]
+    d = m["W"].shape[0]
+    ks = sorted({k for k in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512) if k < d} | {d})
     for r, (B, A) in m["factors"].items():
         dW = L.svd_of_product(B, A)
         L.projection_norms(m["W"], dW, r, W_svd=W_svd)
@@ -77,23 +78,24 @@ def timed(stage: Callable[[dict], None], inputs: list[dict], device: str) -> flo
     return time.perf_counter() - start
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Time each stage; print and return seconds per stage."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--layers", type=int, default=24)
     parser.add_argument("--d", type=int, default=1024)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     inputs = make_inputs(args.layers, args.d, args.device)
     timed(fig3, inputs[:1], args.device)  # warm-up (lazy LAPACK / cuSOLVER init)
     print(f"{len(inputs)} matrices ({args.layers} layers x Wq, Wv), d={args.d}, "
           f"device={args.device}, torch threads={torch.get_num_threads()}")
-    total = 0.0
+    seconds = {}
     for name, stage in [("fig3", fig3), ("fig4", fig4),
                         ("table7+fig8", table7_and_fig8), ("erank", erank)]:
-        seconds = timed(stage, inputs, args.device)
-        total += seconds
-        print(f"{name:12s} {seconds:8.3f} s")
-    print(f"{'total':12s} {total:8.3f} s")
+        seconds[name] = timed(stage, inputs, args.device)
+        print(f"{name:12s} {seconds[name]:8.3f} s")
+    print(f"{'total':12s} {sum(seconds.values()):8.3f} s")
+    return seconds
 
 
 if __name__ == "__main__":

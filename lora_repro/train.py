@@ -54,7 +54,7 @@ OmegaConf.register_new_resolver("job_name", job_name, replace=True)
 register()
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def _run(dict_cfg: DictConfig) -> float | None:
     try:
         cfg: TrainConfig = validate(OmegaConf.to_object(dict_cfg))
