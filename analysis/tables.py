@@ -253,3 +253,88 @@ def write_table(table: pd.DataFrame, path: str | Path, decimals: int = 1) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, text)
     return path
+
+
+# ---------------------------------------------------------------- command
+
+COMMAND = "analysis.tables"
+COMMAND_DOC = """Result tables of a sweep's complete runs (Hu et al. 2021, Tables 3, 5-6, 18).
+
+    python -m analysis.tables [SWEEP] [--metric BLEU|val_loss|...] [--out figures/]
+        [--wandb offline]
+
+Writes Table 3 (all runs; a "Val Loss" column beside the paper's metrics), Table 18 (LoRA
+runs, one per model, task and targets) and the targets x rank grid of --metric (one per model
+and task) as table3_<sweep>, table18_<sweep>, grid_<metric>_<sweep> .md, .tex and .csv in
+--out, and prints the Markdown. Seeds of one configuration are averaged (mean±std).
+"""
+TABLE3_COMMAND_FORMAT = {**TABLE3_FORMAT, "val_loss": (1, 2)}
+
+
+def choose_metric(summaries: Sequence[Mapping], wanted: str | None) -> str:
+    """--metric, else BLEU where a run has it, else val_loss; `UserError` if no run has it."""
+    found = {k for s in summaries for k, v in s["metrics"].items() if v is not None}
+    metric = wanted or ("BLEU" if "BLEU" in found else "val_loss")
+    if metric not in found:
+        raise UserError(f"--metric={metric}: no run has it; the runs have "
+                        f"{', '.join(sorted(found)) or 'no metrics'}")
+    return metric
+
+
+def _grouped(runs, keys: Sequence[str]) -> dict[str, list]:
+    """Runs by the values of `keys`, labelled by those that vary ("" when one group)."""
+    from analysis.runs import label, varying_keys
+
+    varying = [k for k in varying_keys(runs) if k in keys]
+    groups: dict[str, list] = {}
+    for run in runs:
+        groups.setdefault(label(run, varying), []).append(run)
+    return groups
+
+
+def command_tables(runs, sweep: str, metric: str) -> dict[str, pd.DataFrame]:
+    """File stem -> table: Table 3 of all runs; Table 18 and the targets x rank grid of the
+    LoRA runs, one per model, task (and targets, for Table 18)."""
+    summaries = [run.summary | {"run_dir": str(run.path)} for run in runs]
+    out = {f"table3_{sweep}": table3(summaries, TABLE3_COMMAND_FORMAT)}
+    lora = [run for run in runs if run.method == "lora"]
+    for context, group in _grouped(lora, ("model.id", "task.name", "targets")).items():
+        name = "_".join(filter(None, ["table18", sweep, context]))
+        out[name] = table18([run.summary for run in group])
+    for context, group in _grouped(lora, ("model.id", "task.name")).items():
+        name = "_".join(filter(None, ["grid", metric, sweep, context]))
+        out[name] = targets_rank_grid([run.summary for run in group], metric)
+    return out
+
+
+def run_command(args) -> int:
+    """The command: write and print every table; returns the exit status."""
+    from analysis import cli
+    from analysis.runs import load_runs
+
+    sweep, runs = load_runs(args.sweep)
+    metric = choose_metric([run.summary for run in runs], args.metric)
+    decimals = TABLE3_FORMAT.get(metric, (1, 2))[1]
+    files = []
+    for stem, table in command_tables(runs, sweep.name, metric).items():
+        digits = decimals if stem.startswith("grid_") else 1
+        files += [write_table(table, args.out / f"{stem}{suffix}", digits)
+                  for suffix in (".md", ".tex", ".csv")]
+        print(f"{stem}:\n{(args.out / f'{stem}.md').read_text()}")
+    return cli.finish(args, COMMAND, sweep, files)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m analysis.tables`: 0 on success, 2 with one `error:` line otherwise."""
+    from analysis import cli
+
+    parser = cli.base_parser(COMMAND, COMMAND_DOC)
+    parser.add_argument("--metric", help="the grid's metric, e.g. BLEU or val_loss "
+                        "(default: BLEU if a run has it, else val_loss)")
+    return cli.run_main(run_command, parser, argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -11,6 +11,7 @@ interrupted job and skips a complete one.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import sys
 from pathlib import Path
@@ -31,7 +32,10 @@ def job_name(method: str, rank: int, targets: str, seed: int, overrides: str = "
     `_lr-0.001` (characters that are unsafe in paths become `-`)."""
     name = f"full-s{seed}" if method == "full" else f"r{rank}-{targets}-s{seed}"
     if overrides:
-        name += "_" + re.sub(r"[^A-Za-z0-9.,_+-]", "-", overrides)
+        extra = re.sub(r"[^A-Za-z0-9.,_+-]", "-", overrides)
+        if len(extra) > 80:  # keep names readable and under path limits; the hash keeps them unique
+            extra = f"{extra[:60]}-{hashlib.sha1(overrides.encode()).hexdigest()[:8]}"
+        name += "_" + extra
     return name
 
 
