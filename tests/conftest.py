@@ -13,6 +13,12 @@ torch.set_num_threads(1)
 os.environ["OMP_NUM_THREADS"] = "1"
 
 
+@pytest.fixture(autouse=True)
+def no_wandb_by_default(monkeypatch):
+    """CI exports WANDB_MODE=offline for its smoke run; tests opt in to W&B explicitly."""
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
 @pytest.fixture
 def shared_dir() -> Path:
     """`../shared` beside the project root; the test is skipped where it is absent."""

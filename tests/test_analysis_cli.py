@@ -184,8 +184,9 @@ def test_tables_metric_option(sweep, tmp_path, capsys):
 
 
 def test_wandb_offline_logs_one_analysis_run_under_the_sweep(sweep, tmp_path):
+    before = set((sweep["dir"] / "wandb").glob("offline-run-*"))
     assert tables.main([str(sweep["dir"]), "--out", str(tmp_path), "--wandb", "offline"]) == 0
-    runs = list((sweep["dir"] / "wandb").glob("offline-run-*"))
+    runs = sorted(set((sweep["dir"] / "wandb").glob("offline-run-*")) - before)
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
     logged = {p.name.split("_sweep")[0] for p in runs[0].glob("files/media/table/*.json")}
     assert logged == {"table3", "table18", "grid_BLEU"}
