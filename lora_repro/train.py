@@ -64,11 +64,22 @@ def _run(dict_cfg: DictConfig) -> float | None:
         cfg: TrainConfig = validate(OmegaConf.to_object(dict_cfg))
         from lora_repro.trainer import train  # heavy imports after validation
 
-        summary = train(cfg, Path(HydraConfig.get().runtime.output_dir))
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        summary = train(cfg, run_dir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    print(result_line(run_dir, summary))
     return summary["metrics"].get("val_loss")
+
+
+def result_line(run_dir: Path, summary: dict) -> str:
+    """`runs/smoke/r4-qv-s1: val_loss 6.0110, BLEU 0.0000, ... (19 s)`: the job's final line."""
+    first = ["val_loss", "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
+    found = summary["metrics"]
+    keys = [k for k in first if k in found] + sorted(set(found) - set(first) - {"val_ppl"})
+    metrics = ", ".join(f"{k} {found[k]:.4f}" for k in keys)
+    return f"{run_dir}: {metrics} ({summary['wall_time_s']:.0f} s)"
 
 
 def main() -> None:

@@ -167,6 +167,9 @@ def test_cli_smoke_and_sweep_dirs(tmp_path):
     # The swept keys lead the name; the other overrides follow it.
     assert [j.split("_")[0] for j in jobs] == ["r1-qkvo-s1", "r1-qv-s1", "r2-qkvo-s1", "r2-qv-s1"]
     assert jobs[0].endswith("_max_steps-12_task.n_test-4_task.n_train-60_task.n_valid-8")
+    for job in jobs:  # each job ends with one line: its dir and final metrics
+        val_loss = json.loads((tmp_path / job / rundir.SUMMARY).read_text())["metrics"]["val_loss"]
+        assert f"{tmp_path / job}: val_loss {val_loss:.4f} (" in out.stdout
 
 
 @pytest.mark.parametrize("args,match", [
