@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lora_repro.errors import UserError
@@ -14,7 +15,9 @@ from lora_repro.lora import (
     delta_weights,
     load_adapter,
     lora_factors,
+    lora_settings,
     merge_lora,
+    read_adapter,
     save_adapter,
     unmerge_lora,
     unwrap_lora,
@@ -196,6 +199,23 @@ def test_adapter_errors(tmp_path):
     one_line_error(lambda: load_adapter(tiny(n_layer=2), path), "n_layer")
     other = apply_lora(tiny(), "qkvo", rank=4, alpha=32)
     one_line_error(lambda: load_adapter(other, path), "targets='qv'", "targets='qkvo'")
+    other = apply_lora(tiny(), "qv", rank=4, alpha=8)
+    one_line_error(lambda: load_adapter(other, path), "alpha=32", "alpha=8")
+
+
+def test_failed_load_leaves_the_model_untouched(tmp_path):
+    tensors, meta = read_adapter(save_adapter(randomize(apply_lora(tiny(), "qv", 4, 32)),
+                                              tmp_path / "a.safetensors"))
+    cases = {"missing": {k: v for k, v in tensors.items() if k != "h.1.v.lora_B"},
+             "reshaped": tensors | {"h.1.v.lora_B": torch.zeros(D + 1, 4)}}
+    for name, broken in cases.items():
+        path = tmp_path / f"{name}.safetensors"
+        save_file(broken, str(path), metadata=meta)
+        plain = tiny()
+        before = {k: v.clone() for k, v in plain.state_dict().items()}
+        one_line_error(lambda path=path, plain=plain: load_adapter(plain, path), "h.1.v")
+        assert lora_settings(plain) is None and plain.state_dict().keys() == before.keys()
+        assert all(torch.equal(v, before[k]) for k, v in plain.state_dict().items())
 
 
 @pytest.mark.parametrize(

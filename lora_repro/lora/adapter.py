@@ -23,6 +23,7 @@ from lora_repro.errors import UserError
 from lora_repro.lora.model import (
     _require_lora,
     apply_lora,
+    base_weights,
     lora_factors,
     lora_layers,
     lora_settings,
@@ -103,8 +104,8 @@ def load_adapter(
 
     A plain GPT-2 first gets `apply_lora` with the file's settings (`dropout` overrides the
     saved dropout, e.g. 0 for inference); a model that already has LoRA must have the same
-    targets and rank. Checks that the adapter fits the model's shape before touching it, and
-    fails with one `UserError` line otherwise.
+    targets, rank and alpha. Every check (model shape, settings, each tensor's presence and
+    shape) runs before the model is touched; a failure is one `UserError` line.
     """
     tensors, meta = read_adapter(path)
     if any(m.merged for _, m in lora_layers(model)):
@@ -116,32 +117,32 @@ def load_adapter(
                 f"adapter {path} was trained on a model with {key}={meta.get(key)}, "
                 f"this model has {key}={value}"
             )
-    targets, rank = parse_targets(meta["targets"]), int(meta["rank"])
+    targets, rank, alpha = parse_targets(meta["targets"]), int(meta["rank"]), float(meta["alpha"])
     settings = lora_settings(model)
-    if settings is None:
-        p = float(meta["dropout"]) if dropout is None else dropout
-        apply_lora(model, targets, rank, float(meta["alpha"]), p)
-    elif (settings.targets, settings.rank) != (targets, rank):
+    if settings is not None and (settings.targets, settings.rank, settings.alpha) != (
+            targets, rank, alpha):
         raise UserError(
-            f"adapter {path} has targets={targets!r} rank={rank}, the model's LoRA has "
-            f"targets={settings.targets!r} rank={settings.rank}"
+            f"adapter {path} has targets={targets!r} rank={rank} alpha={alpha:g}, the model's "
+            f"LoRA has targets={settings.targets!r} rank={settings.rank} "
+            f"alpha={settings.alpha:g}"
         )
     try:
         factors = adapter_factors(tensors, meta)
     except KeyError as e:
         raise UserError(f"adapter {path} lacks tensor {e.args[0]}") from None
-    with torch.no_grad():
-        for (i, letter), (a, b) in lora_factors(model).items():
-            new_a, new_b = factors[(i, letter)]
-            if new_a.shape != a.shape or new_b.shape != b.shape:
+    for (i, letter), w in base_weights(model, targets).items():  # W: d_out x d_in
+        expected = {"A": (rank, w.shape[1]), "B": (w.shape[0], rank)}
+        for name, tensor in zip("AB", factors[(i, letter)], strict=True):
+            if tuple(tensor.shape) != expected[name]:
                 raise UserError(
-                    f"adapter {path}: layer {i} {letter!r} has A {tuple(new_a.shape)}, "
-                    f"B {tuple(new_b.shape)}; the model expects A {tuple(a.shape)}, "
-                    f"B {tuple(b.shape)}"
+                    f"adapter {path}: h.{i}.{letter}.lora_{name} is {tuple(tensor.shape)}, "
+                    f"the model expects {expected[name]}"
                 )
-        for (i, letter), (a, b) in lora_factors(model).items():
-            new_a, new_b = factors[(i, letter)]
-            a.copy_(new_a)
-            b.copy_(new_b)
+    if settings is None:
+        apply_lora(model, targets, rank, alpha, float(meta["dropout"]) if dropout is None
+                   else dropout)
+    with torch.no_grad():
+        for key, (a, b) in lora_factors(model).items():
+            a.copy_(factors[key][0])
+            b.copy_(factors[key][1])
     return model
-
