@@ -84,9 +84,13 @@ def parse_layers(text: str | None, n_layer: int) -> list[int]:
 def parse_matrices(text: str | None, available: str, default: str | None = None) -> str:
     """`--matrices` ("q,v" or "qv") as letters in canonical order, each one the runs adapted.
 
-    `available`: the letters every run has; `default` (else all of `available`) when unset.
+    `available`: the letters every run has. Unset: `default` where the runs have it, else
+    all of `available`.
     """
-    letters = (default or available) if text is None else text.replace(",", "").strip()
+    if text is None:
+        letters = default if default and set(default) <= set(available) else available
+    else:
+        letters = text.replace(",", "").strip()
     unknown = sorted(set(letters) - set(ALLOWED))
     if unknown or not letters or len(set(letters)) != len(letters):
         raise UserError(f"--matrices={text!r}: give distinct letters of {ALLOWED!r} "

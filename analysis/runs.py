@@ -58,19 +58,7 @@ class Run:
     @cached_property
     def identity(self) -> dict[str, Any]:
         """The config as dotted keys, without the keys that do not change a run's result."""
-        config = {k: v for k, v in self.config.items() if k not in rundir.NOT_IDENTITY}
-        return _flatten(config)
-
-
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
-    """{"model": {"id": "tiny"}} -> {"model.id": "tiny"}."""
-    out = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out |= _flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+        return rundir.flat_identity(self.config)
 
 
 def warn(message: str) -> None:
@@ -130,7 +118,8 @@ def groups_differing_in(runs: Sequence[Run], key: str) -> list[list[Run]]:
     """
     by_rest: dict[str, list[Run]] = {}
     for run in runs:
-        by_rest.setdefault(_key_without(run, [key]), []).append(run)
+        if key in run.identity:  # full fine-tuning runs have no rank
+            by_rest.setdefault(_key_without(run, [key]), []).append(run)
     groups = [sorted(g, key=lambda r: r.identity[key]) for g in by_rest.values() if len(g) > 1]
     return sorted(groups, key=lambda g: g[0].path)
 

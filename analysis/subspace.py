@@ -200,8 +200,13 @@ def summary_tables(pairs: Sequence[Pair], grids: dict, layers: Sequence[int], le
                 top.append(row | {m: float(grids[(n, layer, m)][0, 0]) for m in letters})
             else:
                 means = {m: float(grids[(n, layer, m)][:zoom, :zoom].mean()) for m in letters}
-                rand = float(random_grid(pair, letters[0], factors)[:zoom, :zoom].mean())
-                block.append(row | means | {"random": rand})
+                rand = {m: float(random_grid(pair, m, factors)[:zoom, :zoom].mean())
+                        for m in letters}
+                if len(set(rand.values())) == 1:  # one d_in (q k v o f): one random column
+                    rand = {"random": rand[letters[0]]}
+                else:  # p's d_in is 4 d_model: its own baseline
+                    rand = {f"random {m}": value for m, value in rand.items()}
+                block.append(row | means | rand)
     return (pd.DataFrame(top).set_index(["pair", "layer"]) if top else pd.DataFrame(),
             pd.DataFrame(block).set_index(["pair", "layer"]) if block else pd.DataFrame())
 

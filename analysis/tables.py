@@ -12,7 +12,9 @@ A run summary is a dict as `summary.json` holds it (see `lora_repro.rundir`)::
 Metrics are on the official E2E scale (BLEU, METEOR, ROUGE-L in 0..1); each table scales
 them as the paper prints them. Runs that differ only in `seed` form one configuration:
 tables show the mean and the sample standard deviation (ddof 1) over seeds, "70.4±.1" as
-in Table 3; a metric a run lacks counts as missing, not as zero. Pure functions returning
+in Table 3; a metric a run lacks counts as missing, not as zero. Where runs of one model,
+task, method, targets and rank differ in another key too (a sweep over `lr`), that key
+becomes a "Setting" ("lr=0.0001") that keeps them apart. Pure functions returning
 pandas DataFrames, and `write_table` for Markdown, LaTeX and CSV.
 """
 
@@ -26,9 +28,11 @@ import pandas as pd
 
 from lora_repro.errors import UserError
 from lora_repro.lora.targets import ALLOWED, parse_targets
-from lora_repro.rundir import write_atomic
+from lora_repro.rundir import flat_identity, write_atomic
 
-CONFIG = ("model", "task", "method", "targets", "rank")  # what identifies a configuration
+CONFIG = ("model", "task", "method", "targets", "rank", "setting")  # one row of a table
+# The identity keys that CONFIG's columns (and seed) already stand for.
+CONFIG_KEYS = ("model.id", "task.name", "method", "targets", "rank", "seed")
 FRACTIONS = ("BLEU", "METEOR", "ROUGE_L")  # in 0..1 in summaries
 # metric -> (scale, decimals) as each table prints it.
 TABLE3_FORMAT = {"BLEU": (100, 1), "NIST": (1, 2), "METEOR": (100, 1), "ROUGE_L": (100, 1),
@@ -55,7 +59,8 @@ def _name(value, key: str) -> str:
 
 
 def _run_row(summary: Mapping, where: str) -> dict:
-    """One summary as a flat row: CONFIG keys, seed, trainable_params, metrics (raw)."""
+    """One summary as a flat row: CONFIG keys but "setting", seed, trainable_params,
+    metrics (raw)."""
     try:
         config, metrics = summary["config"], dict(summary["metrics"])
         method = config.get("method", "lora")
@@ -91,6 +96,7 @@ def runs_frame(summaries: Sequence[Mapping]) -> pd.DataFrame:
     rows = [_run_row(s, str(s.get("run_dir", f"summary #{n}"))) for n, s in enumerate(summaries)]
     runs = pd.DataFrame(rows)
     runs["rank"] = runs["rank"].astype("Int64")
+    runs["setting"] = settings(runs, [flat_identity(s["config"]) for s in summaries])
     twice = runs.duplicated([*CONFIG, "seed"], keep=False)
     if twice.any():
         first = runs[twice].iloc[0]
@@ -98,6 +104,24 @@ def runs_frame(summaries: Sequence[Mapping]) -> pd.DataFrame:
                         + ", ".join(f"{k}={first[k]}" for k in (*CONFIG, "seed"))
                         + "); keep one, or give them different seeds")
     return runs
+
+
+def settings(runs: pd.DataFrame, identities: Sequence[Mapping]) -> list[str]:
+    """Per run, "key=value, ..." of the config keys outside CONFIG that vary within some
+    configuration (so its runs are not seeds of one setting); "" for every run if none do.
+
+    runs: `_run_row` rows; identities: each run's `flat_identity`, in the same order."""
+    def value(identity: Mapping, key: str) -> str:
+        return str(identity.get(key, "–"))
+
+    keys: dict[str, None] = {}
+    base = runs[[c for c in CONFIG if c != "setting"]].astype(str)
+    for _, group in base.groupby(list(base.columns), sort=False):
+        members = [identities[i] for i in group.index]
+        for key in dict.fromkeys(k for identity in members for k in identity):
+            if key not in CONFIG_KEYS and len({value(m, key) for m in members}) > 1:
+                keys[key] = None
+    return [", ".join(f"{k}={value(identity, k)}" for k in keys) for identity in identities]
 
 
 def aggregate(runs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
@@ -116,7 +140,7 @@ def aggregate(runs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
     table[("trainable_params", "mean")] = grouped["trainable_params"].mean()
     order = table.index.to_frame(index=False).assign(
         full=lambda f: f["method"] != "full", size=lambda f: f["targets"].str.len())
-    order = order.sort_values(["model", "task", "full", "size", "targets", "rank"])
+    order = order.sort_values(["model", "task", "full", "size", "targets", "rank", "setting"])
     return table.iloc[order.index]
 
 
@@ -169,13 +193,16 @@ def table3(summaries: Sequence[Mapping],
     out.insert(0, "# Trainable Parameters",
                [params_label(n) for n in table[("trainable_params", "mean")]])
     keys = table.index.to_frame(index=False)
-    out.index = pd.MultiIndex.from_arrays([
-        [f"{MODEL_LABELS.get(m, m)} ({METHOD_LABELS.get(k, k)})"
-         for m, k in zip(keys["model"], keys["method"], strict=True)],
-        keys["task"],
-        [targets_label(t) for t in keys["targets"]],
-        ["–" if pd.isna(r) else str(r) for r in keys["rank"]],
-    ], names=["Model & Method", "Task", "Weight Type", "r"])
+    levels = {
+        "Model & Method": [f"{MODEL_LABELS.get(m, m)} ({METHOD_LABELS.get(k, k)})"
+                           for m, k in zip(keys["model"], keys["method"], strict=True)],
+        "Task": keys["task"],
+        "Weight Type": [targets_label(t) for t in keys["targets"]],
+        "r": ["–" if pd.isna(r) else str(r) for r in keys["rank"]],
+    }
+    if keys["setting"].any():  # runs differ in more than seed: say how
+        levels["Setting"] = keys["setting"]
+    out.index = pd.MultiIndex.from_arrays(list(levels.values()), names=list(levels))
     return out
 
 
@@ -192,8 +219,9 @@ def table18(summaries: Sequence[Mapping],
     """Table 18: validation loss and test metrics against the rank r (Appendix H.2).
 
     All summaries must share model, task and targets (LoRA runs only). Rows: "Rank r"
-    ascending; cells mean±std over seeds, printed as the paper does (BLEU x100 with 2
-    decimals, NIST, METEOR, ROUGE-L, CIDEr raw with 4, val loss with 2: `TABLE18_FORMAT`).
+    ascending (and "Setting" where runs of one rank differ in more than seed); cells
+    mean±std over seeds, printed as the paper does (BLEU x100 with 2 decimals, NIST,
+    METEOR, ROUGE-L, CIDEr raw with 4, val loss with 2: `TABLE18_FORMAT`).
     """
     fmt = TABLE18_FORMAT if fmt is None else fmt
     runs = runs_frame(summaries)
@@ -202,14 +230,19 @@ def table18(summaries: Sequence[Mapping],
     _only(runs, ("model", "task", "targets"), "table18")
     table = aggregate(runs, list(fmt))
     out = _formatted(table, fmt).rename(columns={"MET": "METEOR"})
-    out.index = pd.Index(table.index.get_level_values("rank"), name="Rank r")
+    ranks, setting = (table.index.get_level_values(k) for k in ("rank", "setting"))
+    if setting.to_series().astype(bool).any():
+        out.index = pd.MultiIndex.from_arrays([ranks, setting], names=["Rank r", "Setting"])
+    else:
+        out.index = pd.Index(ranks, name="Rank r")
     return out.sort_index()
 
 
 def targets_rank_grid(summaries: Sequence[Mapping], metric: str = "BLEU",
                       scale: float | None = None) -> pd.DataFrame:
     """Tables 5-6: the mean of `metric` over seeds, rows "Weight Type" ("Wq", "Wq, Wv", ...,
-    fewer targets first), columns r ascending; NaN where no run exists (Table 5's
+    fewer targets first, then "Setting" where runs differ in more than seed), columns r
+    ascending; NaN where no run exists (Table 5's
     same-budget layout has one rank per row). All runs must share model and task.
 
     scale defaults to Table 3's (x100 for BLEU, METEOR, ROUGE-L). Numbers, not strings.
@@ -223,9 +256,15 @@ def targets_rank_grid(summaries: Sequence[Mapping], metric: str = "BLEU",
         scale = TABLE3_FORMAT.get(metric, (1, 2))[0]
     table = aggregate(runs, [metric])[(metric, "mean")] * scale
     grid = table.droplevel(["model", "task", "method"]).unstack("rank")
-    grid = grid.reindex(sorted(grid.index, key=lambda t: (len(t), [ALLOWED.index(c) for c in t])))
+    grid = grid.reindex(sorted(grid.index, key=lambda k: (
+        len(k[0]), [ALLOWED.index(c) for c in k[0]], k[1])))
     grid = grid.reindex(columns=sorted(grid.columns))
-    grid.index = pd.Index([targets_label(t) for t in grid.index], name="Weight Type")
+    labels = [targets_label(t) for t, _ in grid.index]
+    if any(setting for _, setting in grid.index):
+        grid.index = pd.MultiIndex.from_arrays(
+            [labels, [setting for _, setting in grid.index]], names=["Weight Type", "Setting"])
+    else:
+        grid.index = pd.Index(labels, name="Weight Type")
     grid.columns = pd.Index([int(r) for r in grid.columns], name="r")
     return grid
 

@@ -201,6 +201,7 @@ def test_default_layers_are_first_third_two_thirds_and_last():
     assert cli.default_layers(2) == [0, 1] and cli.default_layers(1) == [0]
     assert cli.parse_layers("24,1,8", 24) == [0, 7, 23]
     assert cli.parse_matrices("v,q", "qv") == "qv" and cli.parse_matrices(None, "qkv", "q") == "q"
+    assert cli.parse_matrices(None, "v", "q") == "v"  # runs without q: what they have
 
 
 def one_error(capsys) -> str:

@@ -38,11 +38,11 @@ def test_mean_std_prints_like_the_paper():
 def test_aggregate_takes_mean_and_sample_std_over_seeds():
     runs = T.runs_frame(three_seeds() + [summary(1, rank=8)])
     table = T.aggregate(runs, ["BLEU", "NIST"])
-    row = table.loc[("gpt2-medium", "e2e", "lora", "qv", 4)]
+    row = table.loc[("gpt2-medium", "e2e", "lora", "qv", 4, "")]
     assert row[("BLEU", "mean")] == pytest.approx(0.71)
     assert row[("BLEU", "std")] == pytest.approx(0.01)  # ddof 1: sqrt(2e-4 / 2)
     assert row[("NIST", "n")] == 3
-    single = table.loc[("gpt2-medium", "e2e", "lora", "qv", 8)]
+    single = table.loc[("gpt2-medium", "e2e", "lora", "qv", 8, "")]
     assert single[("BLEU", "n")] == 1 and math.isnan(single[("BLEU", "std")])
 
 
@@ -126,3 +126,27 @@ def test_writers(tmp_path):
         T.write_table(table, tmp_path / "t3.xlsx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.csv", "grid.tex", "t3.md",
                                                           "t3.tex"]
+
+
+def test_runs_that_differ_in_more_than_seed_are_kept_apart():
+    def at(lr, seed, bleu, rank=4):
+        s = summary(seed, rank=rank, BLEU=bleu)
+        s["config"]["lr"] = lr
+        return s
+
+    summaries = [at(1e-4, 1, 0.60), at(2e-4, 2, 0.70), at(2e-4, 3, 0.72), at(2e-4, 1, 0.5, 8)]
+    table = T.table3(summaries)
+    assert list(table.index.get_level_values("Setting")) == ["lr=0.0001", "lr=0.0002",
+                                                             "lr=0.0002"]
+    assert list(table["BLEU"]) == ["60.0", "71.0±1.4", "50.0"]
+    t18 = T.table18(summaries)
+    assert list(t18.index) == [(4, "lr=0.0001"), (4, "lr=0.0002"), (8, "lr=0.0002")]
+    grid = T.targets_rank_grid(summaries)
+    assert list(grid.index) == [("Wq, Wv", "lr=0.0001"), ("Wq, Wv", "lr=0.0002")]
+    assert grid.loc[("Wq, Wv", "lr=0.0002"), 4] == pytest.approx(71.0)
+    # Same seed, other lr: two settings, not "two runs share a configuration and seed".
+    assert len(T.table3([at(1e-4, 1, 0.6), at(2e-4, 1, 0.7)])) == 2
+    # A key that differs only between configurations (FT's lr) adds no setting.
+    full = summary(1, method="full", params=354_920_000)
+    full["config"]["lr"] = 5e-5
+    assert "Setting" not in T.table3(three_seeds() + [full]).index.names
