@@ -35,7 +35,7 @@ def length_grouped_batches(
 
     Args:
         lengths: token count of each example.
-        batch_size: examples per batch; only the very last batch can be smaller.
+        batch_size: examples per batch; one batch (anywhere in the order) may be smaller.
         seed, epoch: the order is identical for equal ``(seed, epoch)``.
         drop_last: drop the one batch smaller than `batch_size`, if any.
         megabatch_mult: megabatch size in batches; larger groups tighter but less randomly.

@@ -54,8 +54,9 @@ def _columns(value: dict | list) -> dict[str, list]:
 
 
 def e2e_row(row: dict) -> list[Example]:
-    """One hub E2E row (one reference) -> one `Example`."""
-    return [Example(e2e.linearize_mr(row["meaning_representation"]), row["human_reference"])]
+    """One hub E2E row (one reference) -> one `Example`, none if the reference is blank."""
+    ref = (row["human_reference"] or "").strip()
+    return [Example(e2e.linearize_mr(row["meaning_representation"]), ref)] if ref else []
 
 
 def webnlg_row(row: dict) -> list[Example]:
