@@ -160,6 +160,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"task.valid_fraction={cfg.task.valid_fraction}: must be in [0, 1)")
     if cfg.max_steps is not None and cfg.max_steps < 1:
         raise UserError(f"max_steps={cfg.max_steps}: must be >= 1 or null")
+    if cfg.max_time_min is not None and not cfg.max_time_min > 0:
+        raise UserError(f"max_time_min={cfg.max_time_min}: must be > 0 or null")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UserError(f"threads={cfg.threads}: must be >= 1 or null")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise UserError(f"device={cfg.device!r}: allowed values are auto, cpu, cuda, cuda:N")
     return cfg

@@ -22,6 +22,7 @@ from lora_repro.config import TrainConfig
 from lora_repro.data import TestSource
 from lora_repro.data.encoding import encode_prompts
 from lora_repro.lora import lora_settings, merge_lora
+from lora_repro.modeling import autocast
 
 
 @torch.no_grad()
@@ -107,7 +108,7 @@ def decode_and_score(
     write `predictions.txt` into the run directory and return the test metrics."""
     if lora_settings(model) is not None:
         merge_lora(model)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with autocast(cfg.precision, device)():
         predictions = beam_decode(
             model, tokenizer, [t.source for t in test],
             beam=cfg.eval.beam, length_penalty=cfg.task.length_penalty,

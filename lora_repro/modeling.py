@@ -117,3 +117,9 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"device={name!r}: CUDA is not available here; use device=cpu")
     return torch.device(name)
+
+
+def autocast(precision: str, device: torch.device):
+    """A context factory: bf16 autocast for precision "bf16", or "auto" on CUDA; else fp32."""
+    bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)

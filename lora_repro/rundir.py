@@ -36,11 +36,19 @@ TOKENIZER = "tokenizer"  # only for model.tokenizer=bpe, trained on the task
 MODEL = "model"  # method=full: the fine-tuned model as a Hugging Face directory
 # Keys that do not change what a run computes: a rerun with other values resumes it.
 NOT_IDENTITY = ("logger", "eval", "device", "compile", "threads", "name")
+LORA_ONLY = ("targets", "rank", "alpha", "dropout")  # no part of a method=full run
+
+
+def _not_identity(config: dict) -> tuple[str, ...]:
+    return NOT_IDENTITY + (LORA_ONLY if config.get("method") == "full" else ())
 
 
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new
     os.replace(tmp, path)
 
 
@@ -55,9 +63,24 @@ def read_json(path: Path) -> Any:
 def identity(cfg: TrainConfig) -> dict:
     """The part of the config that determines a run's result."""
     d = asdict(cfg)
-    for key in NOT_IDENTITY:
+    for key in _not_identity(d):
         d.pop(key, None)
     return d
+
+
+def flat_identity(config: dict) -> dict[str, Any]:
+    """A saved config (summary.json "config") as dotted keys, without NOT_IDENTITY:
+    {"model": {"id": "tiny"}, "rank": 8, "logger": ...} -> {"model.id": "tiny", "rank": 8}."""
+    def flatten(d: dict, prefix: str) -> dict[str, Any]:
+        out = {}
+        for key, value in d.items():
+            if isinstance(value, dict):
+                out |= flatten(value, f"{prefix}{key}.")
+            else:
+                out[f"{prefix}{key}"] = value
+        return out
+
+    return flatten({k: v for k, v in config.items() if k not in _not_identity(config)}, "")
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

@@ -35,6 +35,7 @@ from lora_repro.data.encoding import IGNORE_INDEX
 from lora_repro.data.tasks import TASKS, default_options
 from lora_repro.errors import UserError
 from lora_repro.lora import apply_lora, count_trainable, save_adapter
+from lora_repro.modeling import autocast as autocast_for
 from lora_repro.modeling import load_model, load_tokenizer, resolve_device, train_bpe
 from lora_repro.tracking import Tracker
 
@@ -185,11 +186,6 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torc
                              fused=device.type == "cuda")
 
 
-def _autocast(cfg: TrainConfig, device: torch.device):
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and device.type == "cuda")
-    return lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
 def train(cfg: TrainConfig, run_dir: Path) -> dict:
     """Run (or resume, or skip if complete) one training job in `run_dir`; return its summary."""
     run_dir = Path(run_dir)
@@ -204,7 +200,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     if ckpt is not None:
         rundir.check_same_run(run_dir, ckpt["identity"], cfg)
     device = resolve_device(cfg.device)
-    autocast = _autocast(cfg, device)
+    autocast = autocast_for(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
@@ -235,11 +231,15 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     buckets = fastpath.length_buckets(max_length) if fast else None
 
     epoch, batch_index, step = 0, 0, 0
+    tokens_total, train_time = 0, 0.0  # over the whole run, resumes included
+    val_loss, val_step = float("nan"), -1
     if ckpt is not None:
         model.load_state_dict(ckpt["trainable"], strict=False)
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         epoch, batch_index, step = ckpt["epoch"], ckpt["batch_index"], ckpt["step"]
+        tokens_total, train_time = ckpt.get("tokens_total", 0), ckpt.get("train_time", 0.0)
+        val_loss, val_step = ckpt.get("val_loss", val_loss), ckpt.get("val_step", val_step)
         total_steps = schedule.total  # restored with the scheduler (a time budget may set it)
         _set_rng_state(ckpt["rng"])
         print(f"resuming {run_dir} at epoch {epoch}, step {step}")
@@ -251,29 +251,33 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
             "identity": rundir.identity(cfg), "trainable": _trainable_state(model),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "batch_index": batch_index, "step": step, "rng": _rng_state(),
+            "tokens_total": tokens_total, "train_time": train_time + time.perf_counter() - t_log,
+            "val_loss": val_loss, "val_step": val_step,
         })
 
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     bar = tqdm(total=total_steps, initial=step, desc=run_dir.name, unit="step", mininterval=1)
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
-    tokens, tokens_total, t_log, train_time = 0, 0, time.perf_counter(), 0.0
-    val_loss, val_step = float("nan"), -1
+    tokens, steps_logged, t_log = 0, 0, time.perf_counter()  # since the last log line
     budget = TimeBudget(cfg.max_time_min, step, device)
     while epoch < cfg.epochs and step < total_steps:
         batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
         while batch_index < len(batches) and step < total_steps:
+            if batch_index % cfg.grad_accum == 0:  # a new group; an epoch's last may be short
+                group = min(cfg.grad_accum, len(batches) - batch_index)
             features = [train_set[i] for i in batches[batch_index]]
             batch = fastpath.static_batch(features, pad_id, cfg.batch_size, buckets)
-            tokens += sum(len(f["input_ids"]) for f in features)
+            n_tokens = sum(len(f["input_ids"]) for f in features)
+            tokens, tokens_total = tokens + n_tokens, tokens_total + n_tokens
             if fast:
                 fastpath.step_begin()
             with autocast():
                 loss = loss_fn(model, batch["input_ids"].to(device, non_blocking=True),
                                batch["labels"].to(device, non_blocking=True),
                                cfg.label_smoothing)
-            (loss / cfg.grad_accum).backward()
-            loss_sum += loss.detach() / cfg.grad_accum
+            (loss / group).backward()
+            loss_sum += loss.detach() / group
             batch_index += 1
             if batch_index % cfg.grad_accum and batch_index < len(batches):
                 continue  # accumulate more micro-batches
@@ -283,22 +287,22 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
+            steps_logged += 1
             bar.update()
             fitted = budget.fits(step, total_steps)
             if fitted != total_steps:  # the time budget shortens the run and its schedule
                 total_steps = schedule.total = bar.total = fitted
             if step % cfg.logger.every == 0 or step == total_steps:
                 elapsed = time.perf_counter() - t_log
-                n = cfg.logger.every if step % cfg.logger.every == 0 else step % cfg.logger.every
-                metrics = {"train_loss": loss_sum.item() / n, "lr": scheduler.get_last_lr()[0],
-                           "tokens_per_s": tokens / elapsed, "epoch": epoch}
+                metrics = {"train_loss": loss_sum.item() / steps_logged,
+                           "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed,
+                           "epoch": round(epoch + batch_index / len(batches), 4)}  # epochs done
                 tracker.log(metrics, step)
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                                 tok_s=f"{metrics['tokens_per_s']:.0f}")
                 train_time += elapsed
-                tokens_total += tokens
                 loss_sum.zero_()
-                tokens, t_log = 0, time.perf_counter()
+                tokens, steps_logged, t_log = 0, 0, time.perf_counter()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
                 checkpoint()
         if batch_index >= len(batches):
@@ -308,8 +312,8 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
                                        autocast)
             tracker.log({"val_loss": val_loss, "epoch": epoch}, step)
             val_step = step
-            checkpoint()
             t_log += time.perf_counter() - t_val  # keep validation out of tokens/s
+            checkpoint()
     bar.close()
     if val_step != step:  # stopped by max_steps inside an epoch, or resumed after the last
         val_loss = validation_loss(model, valid_set, cfg.eval.batch_size, pad_id, device, autocast)

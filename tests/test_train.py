@@ -58,6 +58,7 @@ def test_defaults_are_the_papers_e2e_setting():
     ("rank=0", "rank=0"), ("targets=qx", "'x'"), ("alpha=-1", "alpha=-1"),
     ("dropout=1.5", "dropout=1.5"), ("lr=0", "lr=0"), ("precision=fp8", "precision"),
     ("method=half", "method"), ("task.valid_fraction=1.0", "task.valid_fraction"),
+    ("max_time_min=0", "max_time_min=0"), ("threads=0", "threads=0"),
 ])
 def test_validation_names_the_key(override, match):
     with pytest.raises(UserError, match=match) as info:
@@ -108,7 +109,7 @@ class Killed(Exception):
 
 def test_killed_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
     overrides = [*QUICK, "eval.test=false", "epochs=2", "max_steps=null", "task.n_train=40",
-                 "checkpoint_every=3"]
+                 "checkpoint_every=3", "logger.every=2"]
     cfg = make_cfg(*overrides)
     train(cfg, tmp_path / "whole")
 
@@ -130,6 +131,31 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / rundir.METRICS).open()]
     assert steps == sorted(steps) and summary["steps"] > 10
+    # The metrics carry over the restart: steps, validation losses, tokens seen; the first
+    # train loss after it is the mean of step 10 alone (the whole run's, of steps 9 and 10).
+    whole, resumed = (_losses(tmp_path / run / rundir.METRICS) for run in ("whole", "resumed"))
+    assert [x[:3] for x in resumed] == [x[:3] for x in whole]
+    assert [x[3] for x in resumed] == pytest.approx([x[3] for x in whole], rel=0.05)
+    whole_summary = rundir.read_json(tmp_path / "whole" / rundir.SUMMARY)
+    assert summary["train_tokens"] == whole_summary["train_tokens"]
+    assert summary["metrics"] == whole_summary["metrics"]
+
+
+def _losses(metrics: Path) -> list[tuple]:
+    """(step, epoch, val_loss, train_loss) per line of a metrics.jsonl."""
+    rows = [json.loads(x) for x in metrics.read_text().splitlines()]
+    return [(r["step"], r["epoch"], r.get("val_loss"), r.get("train_loss", 0)) for r in rows]
+
+
+def test_gradient_accumulation_averages_a_short_last_group(tmp_path):
+    # 8 batches an epoch in groups of 3: the third group holds 2 micro-batches, and its loss is
+    # their mean (not 2/3 of it). At this lr the loss barely moves, so every step's is alike.
+    cfg = make_cfg(*QUICK, "eval.test=false", "max_steps=null", "epochs=1", "task.n_train=40",
+                   "grad_accum=3", "logger.every=1", "lr=1e-6")
+    train(cfg, tmp_path)
+    lines = [json.loads(x) for x in (tmp_path / rundir.METRICS).read_text().splitlines()]
+    losses = [x["train_loss"] for x in lines if "train_loss" in x]
+    assert len(losses) == 3 and max(losses) / min(losses) < 1.05
 
 
 def test_rerun_of_complete_run_is_skipped_and_other_settings_refused(tmp_path):
@@ -177,10 +203,32 @@ def test_cli_smoke_and_sweep_dirs(tmp_path):
     (["targets=qx"], "'x'"),
     (["task=nope"], "task='nope' is not an option"),
     (["task.data_dir=/nonexistent", "task=e2e"], "task.data_dir='/nonexistent'"),
+    (["rank=abc"], "rank: Value 'abc'"),
+    (["reank=4"], "unknown key 'reank'; allowed there: model, task"),
+    (["model.n_layr=3"], "unknown key 'model.n_layr'; allowed there: id, name"),
+    (["-m", "rank=4,0"], "rank=0"),  # a sweep checks every value before its first job
 ])
 def test_cli_bad_input_is_one_line_and_leaves_no_summary(args, match, tmp_path):
-    out = cli("+experiment=smoke", *args, f"hydra.run.dir={tmp_path}", timeout=60)
+    out = cli("+experiment=smoke", *args, f"hydra.run.dir={tmp_path}",
+              f"hydra.sweep.dir={tmp_path}", timeout=60)
     assert out.returncode == 2
     errors = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and match in errors[0], out.stderr
-    assert not (tmp_path / rundir.SUMMARY).exists()
+    assert not (tmp_path / rundir.SUMMARY).exists() and not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_cli_sweep_runs_the_other_jobs_past_a_bad_one(tmp_path):
+    quick = [a for a in QUICK if not a.startswith("eval.")] + ["eval.test=false", "max_steps=2"]
+    # rank 200 > the tiny model's d_model (128): found only when LoRA meets the model.
+    out = cli("-m", *quick, "rank=200,2", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 2
+    errors = [line for line in out.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 2 and "rank=200" in errors[0] and "1 job(s)" in errors[1]
+    done = [p.name.split("_")[0] for p in tmp_path.iterdir() if (p / rundir.SUMMARY).is_file()]
+    assert done == ["r2-qv-s1"]
+
+
+def test_lora_keys_are_no_part_of_a_full_fine_tuning_run():
+    full = rundir.identity(make_cfg("method=full"))
+    assert full == rundir.identity(make_cfg("method=full", "rank=8", "targets=qkvo"))
+    assert "rank" not in full and rundir.identity(make_cfg("rank=8"))["rank"] == 8
