@@ -202,8 +202,8 @@ def summary_tables(pairs: Sequence[Pair], grids: dict, layers: Sequence[int], le
                 means = {m: float(grids[(n, layer, m)][:zoom, :zoom].mean()) for m in letters}
                 rand = {m: float(random_grid(pair, m, factors)[:zoom, :zoom].mean())
                         for m in letters}
-                if len(set(rand.values())) == 1:  # one d_in (q k v o f): one random column
-                    rand = {"random": rand[letters[0]]}
+                if len({factors[pair.a.path][(0, m)].shape[1] for m in letters}) == 1:
+                    rand = {"random": rand[letters[0]]}  # one d_in (q k v o f): one column
                 else:  # p's d_in is 4 d_model: its own baseline
                     rand = {f"random {m}": value for m, value in rand.items()}
                 block.append(row | means | rand)

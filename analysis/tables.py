@@ -169,6 +169,15 @@ def targets_label(targets: str) -> str:
     return "all" if targets == "all" else ", ".join(f"W{t}" for t in targets)
 
 
+def _row_index(levels: Mapping[str, Sequence]) -> pd.Index:
+    """A table's row index from named levels; a "Setting" level only where one is set."""
+    levels = {k: list(v) for k, v in levels.items() if k != "Setting" or any(v)}
+    if len(levels) == 1:
+        (name, values), = levels.items()
+        return pd.Index(values, name=name)
+    return pd.MultiIndex.from_arrays(list(levels.values()), names=list(levels))
+
+
 def _formatted(table: pd.DataFrame, fmt: Mapping[str, tuple[float, int]]) -> pd.DataFrame:
     """Columns HEADERS[metric] of mean±std strings, scaled and rounded as `fmt` says."""
     return pd.DataFrame({
@@ -193,16 +202,14 @@ def table3(summaries: Sequence[Mapping],
     out.insert(0, "# Trainable Parameters",
                [params_label(n) for n in table[("trainable_params", "mean")]])
     keys = table.index.to_frame(index=False)
-    levels = {
+    out.index = _row_index({
         "Model & Method": [f"{MODEL_LABELS.get(m, m)} ({METHOD_LABELS.get(k, k)})"
                            for m, k in zip(keys["model"], keys["method"], strict=True)],
         "Task": keys["task"],
         "Weight Type": [targets_label(t) for t in keys["targets"]],
         "r": ["–" if pd.isna(r) else str(r) for r in keys["rank"]],
-    }
-    if keys["setting"].any():  # runs differ in more than seed: say how
-        levels["Setting"] = keys["setting"]
-    out.index = pd.MultiIndex.from_arrays(list(levels.values()), names=list(levels))
+        "Setting": keys["setting"],
+    })
     return out
 
 
@@ -230,11 +237,8 @@ def table18(summaries: Sequence[Mapping],
     _only(runs, ("model", "task", "targets"), "table18")
     table = aggregate(runs, list(fmt))
     out = _formatted(table, fmt).rename(columns={"MET": "METEOR"})
-    ranks, setting = (table.index.get_level_values(k) for k in ("rank", "setting"))
-    if setting.to_series().astype(bool).any():
-        out.index = pd.MultiIndex.from_arrays([ranks, setting], names=["Rank r", "Setting"])
-    else:
-        out.index = pd.Index(ranks, name="Rank r")
+    out.index = _row_index({"Rank r": table.index.get_level_values("rank"),
+                            "Setting": table.index.get_level_values("setting")})
     return out.sort_index()
 
 
@@ -259,12 +263,8 @@ def targets_rank_grid(summaries: Sequence[Mapping], metric: str = "BLEU",
     grid = grid.reindex(sorted(grid.index, key=lambda k: (
         len(k[0]), [ALLOWED.index(c) for c in k[0]], k[1])))
     grid = grid.reindex(columns=sorted(grid.columns))
-    labels = [targets_label(t) for t, _ in grid.index]
-    if any(setting for _, setting in grid.index):
-        grid.index = pd.MultiIndex.from_arrays(
-            [labels, [setting for _, setting in grid.index]], names=["Weight Type", "Setting"])
-    else:
-        grid.index = pd.Index(labels, name="Weight Type")
+    grid.index = _row_index({"Weight Type": [targets_label(t) for t, _ in grid.index],
+                             "Setting": [setting for _, setting in grid.index]})
     grid.columns = pd.Index([int(r) for r in grid.columns], name="r")
     return grid
 

@@ -100,12 +100,17 @@ def precheck(args: list[str]) -> None:
     jobs = [first] + [first[:i] + [f"{key}={value}"] + first[i + 1:]
                       for i, (key, values) in sweeps.items() for value in values.split(",")[1:]]
     for job in jobs:
-        try:
-            with initialize_config_dir(str(CONF), version_base="1.3"):
-                cfg = compose("config", overrides=job)
-        except (HydraException, OmegaConfBaseException) as e:
-            raise _compose_error(e) from None
-        validate(OmegaConf.to_object(cfg))
+        compose_config(job)
+
+
+def compose_config(overrides: list[str]) -> TrainConfig:
+    """One job's validated config, composed from conf/ as Hydra does; `UserError` if bad."""
+    try:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise _compose_error(e) from None
+    return validate(OmegaConf.to_object(cfg))
 
 
 OmegaConf.register_new_resolver("job_name", job_name, replace=True)

@@ -8,15 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
-import lora_repro.train  # noqa: F401  (registers the schema and the job_name resolver)
 from lora_repro import rundir
-from lora_repro.config import validate
 from lora_repro.errors import UserError
 from lora_repro.lora import read_adapter
 from lora_repro.tracking import Tracker
+from lora_repro.train import compose_config
 from lora_repro.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,8 +25,7 @@ QUICK = ["+experiment=smoke", "max_steps=12", "task.n_train=60", "task.n_valid=8
 
 
 def make_cfg(*overrides):
-    with initialize_config_dir(str(CONF), version_base="1.3"):
-        return validate(OmegaConf.to_object(compose("config", overrides=list(overrides))))
+    return compose_config(list(overrides))
 
 
 def cli(*args, cwd=ROOT, timeout=300):
