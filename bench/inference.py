@@ -55,7 +55,7 @@ def main(argv=None) -> None:
     notes = [f"Forward: batch 1, length {length}, bf16 autocast on CUDA, median of {repeats}. "
              f"Decoding: {len(outputs)} test MRs, beam 10, no-repeat 4-grams, at most 64 new "
              f"tokens, batches of {args.decode_batch} MRs, merged model: {decode_s:.1f} s "
-             "(a random-init model rarely emits eos early, so this is close to the worst case)."]
+             "(every batch runs all 64 steps: the search never stops early, as the paper's)."]
     common.save("inference", args, {
         "title": "Inference (GPT-2 Medium shape)",
         "command": "python -m bench.inference" + (" --tiny" if args.tiny else ""),

@@ -151,7 +151,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not _get(cfg, key) > 0:
             raise UserError(f"{key}={_get(cfg, key)}: must be > 0")
     for key in ("weight_decay", "warmup_steps", "max_grad_norm", "model.dropout",
-                "checkpoint_every"):
+                "checkpoint_every", "eval.no_repeat_ngram_size"):
         if _get(cfg, key) < 0:
             raise UserError(f"{key}={_get(cfg, key)}: must be >= 0")
     if not 0 <= cfg.label_smoothing < 1:
