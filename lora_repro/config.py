@@ -146,16 +146,20 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         if not 0 <= cfg.dropout < 1:
             raise UserError(f"dropout={cfg.dropout}: must be in [0, 1)")
     positive = ("lr", "epochs", "batch_size", "grad_accum", "eval.beam", "eval.max_new_tokens",
-                "eval.batch_size", "task.max_length", "logger.every")
+                "eval.batch_size", "task.max_length", "task.block_size", "logger.every",
+                "model.n_positions")
     for key in positive:
         if not _get(cfg, key) > 0:
             raise UserError(f"{key}={_get(cfg, key)}: must be > 0")
     for key in ("weight_decay", "warmup_steps", "max_grad_norm", "model.dropout",
-                "checkpoint_every", "eval.no_repeat_ngram_size"):
+                "checkpoint_every", "eval.no_repeat_ngram_size", "seed", "task.seed",
+                "model.init_seed"):
         if _get(cfg, key) < 0:
             raise UserError(f"{key}={_get(cfg, key)}: must be >= 0")
     if not 0 <= cfg.label_smoothing < 1:
         raise UserError(f"label_smoothing={cfg.label_smoothing}: must be in [0, 1)")
+    if not 0 <= cfg.adam_beta2 < 1:
+        raise UserError(f"adam_beta2={cfg.adam_beta2}: must be in [0, 1)")
     if not 0 <= cfg.task.valid_fraction < 1:
         raise UserError(f"task.valid_fraction={cfg.task.valid_fraction}: must be in [0, 1)")
     if cfg.max_steps is not None and cfg.max_steps < 1:
@@ -166,7 +170,25 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"threads={cfg.threads}: must be >= 1 or null")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise UserError(f"device={cfg.device!r}: allowed values are auto, cpu, cuda, cuda:N")
+    if cfg.model.init == "random":
+        check_positions(cfg, cfg.model.n_positions)
     return cfg
+
+
+def check_positions(cfg: TrainConfig, n_positions: int) -> None:
+    """Every sequence must fit the model's `n_positions` position embeddings (1024 for
+    GPT-2): a block of the corpus, or a training example and, when the test set is decoded,
+    a prompt of up to `task.max_length` tokens plus `eval.max_new_tokens`."""
+    if cfg.task.name == "corpus":
+        what, need = f"task.block_size={cfg.task.block_size}", cfg.task.block_size
+    else:
+        what, need = f"task.max_length={cfg.task.max_length}", cfg.task.max_length
+        if cfg.eval.test:
+            what += f" + eval.max_new_tokens={cfg.eval.max_new_tokens}"
+            need += cfg.eval.max_new_tokens
+    if need > n_positions:
+        raise UserError(f"{what} tokens do not fit the model's {n_positions} positions "
+                        "(model.n_positions); shorten them")
 
 
 def register() -> None:

@@ -21,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lora_repro import fastpath, rundir
-from lora_repro.config import TaskConfig, TrainConfig
+from lora_repro.config import TaskConfig, TrainConfig, check_positions
 from lora_repro.data import (
     TaskData,
     collate,
@@ -213,6 +213,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
 
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, tokenizer)
+    check_positions(cfg, model.config.n_positions)  # a pretrained model's own
     if cfg.method == "lora":
         apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout)
     else:

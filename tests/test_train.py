@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from lora_repro import rundir
+from lora_repro.config import check_positions
 from lora_repro.errors import UserError
 from lora_repro.lora import read_adapter
 from lora_repro.tracking import Tracker
@@ -55,11 +56,25 @@ def test_defaults_are_the_papers_e2e_setting():
     ("dropout=1.5", "dropout=1.5"), ("lr=0", "lr=0"), ("precision=fp8", "precision"),
     ("method=half", "method"), ("task.valid_fraction=1.0", "task.valid_fraction"),
     ("max_time_min=0", "max_time_min=0"), ("threads=0", "threads=0"),
+    ("adam_beta2=1.5", "adam_beta2=1.5"), ("seed=-1", "seed=-1"),
 ])
 def test_validation_names_the_key(override, match):
     with pytest.raises(UserError, match=match) as info:
         make_cfg(override)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["task.max_length=500"], r"task.max_length=500 \+ eval.max_new_tokens=64 .* 512 positions"),
+    (["task=corpus", "task.block_size=1024"], "task.block_size=1024 .* 512 positions"),
+])
+def test_sequences_longer_than_the_positions_are_refused(overrides, match):
+    make_cfg("model=tiny", "task.max_length=448")  # 448 + 64 = 512 fits
+    with pytest.raises(UserError, match=match):
+        make_cfg("model=tiny", *overrides)
+    cfg = make_cfg("task.max_length=1000", "eval.test=false")  # pretrained: checked on loading
+    with pytest.raises(UserError, match="task.max_length=1000 tokens .* 512 positions"):
+        check_positions(cfg, 512)
 
 
 def test_quick_run_writes_a_complete_run_dir(tmp_path):
