@@ -242,3 +242,20 @@ def test_non_gpt2_model_and_double_apply_rejected():
     one_line_error(lambda: apply_lora(torch.nn.Linear(4, 4), "qv", 2, 4), "not GPT-2-shaped")
     model = apply_lora(tiny(), "qv", 2, 4)
     one_line_error(lambda: apply_lora(model, "qv", 2, 4), "already has LoRA")
+
+
+def test_init_is_seeded_per_rank_layer_and_matrix():
+    """One seed, ranks 8 and 64: no A starts as a prefix of the other (as loralib's shared
+    stream makes the first matrix's), so Figure 3's similarity is learned, not initial."""
+    def init_a(rank, seed=3):
+        torch.manual_seed(seed)
+        model = apply_lora(tiny(n_embd=64), "qv", rank=rank, alpha=8)
+        return {k: a.detach().clone() for k, (a, _) in lora_factors(model).items()}
+
+    a8, a64, again = init_a(8), init_a(64), init_a(8)
+    assert all(torch.equal(a8[k], again[k]) for k in a8)  # reproducible from the seed
+    bound = 64 ** -0.5
+    for k in a8:
+        assert a8[k].abs().max() <= bound and a8[k].std() > 0.5 * bound / 3 ** 0.5
+        assert not torch.allclose(a8[k], a64[k][:8])
+    assert not torch.equal(a8[0, "q"], a8[0, "v"]) and not torch.equal(a8[0, "q"], a8[1, "q"])

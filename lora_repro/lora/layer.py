@@ -8,7 +8,9 @@ code: untargeted slices get no parameters and no compute.
 
 from __future__ import annotations
 
+import hashlib
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -31,6 +33,12 @@ def delta_weight(lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: float) -> 
     return scaling * (lora_B @ lora_A)
 
 
+def init_seed(base: int, rank: int, layer: int, letter: str) -> int:
+    """The seed of one matrix's A: a stable hash of (base seed, rank, layer, matrix letter)."""
+    digest = hashlib.sha256(f"{base}:{rank}:{layer}:{letter}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
 class LoRAConv1D(nn.Module):
     """A frozen `Conv1D` with LoRA on `k` of its `n` equal output slices.
 
@@ -40,12 +48,14 @@ class LoRAConv1D(nn.Module):
         y[..., slice s] += scaling * dropout(x) @ A_s^T @ B_s^T for each enabled slice s
 
     Parameters (the only trainable ones):
-        lora_A: (k, r, d_in), Kaiming-uniform as in loralib, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)).
+        lora_A: (k, r, d_in), Kaiming-uniform as in loralib, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)),
+            slice i drawn from its own generator seeded by `init_seeds[i]` (else the global RNG).
         lora_B: (k, d_out, r), zero, so the adapted model starts equal to the base model.
     """
 
     def __init__(
-        self, base: nn.Module, targets: list[Target], rank: int, alpha: float, dropout: float
+        self, base: nn.Module, targets: list[Target], rank: int, alpha: float, dropout: float,
+        init_seeds: Sequence[int] | None = None,
     ):
         super().__init__()
         n_slices = targets[0].n_slices
@@ -62,17 +72,23 @@ class LoRAConv1D(nn.Module):
         self.lora_B = nn.Parameter(torch.zeros(len(targets), self.d_out, rank, **factory))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self.reset_parameters()
+        self.reset_parameters(init_seeds)
         self.train(base.training)  # a new module defaults to training mode; follow the model
 
     @property
     def letters(self) -> str:
         return "".join(t.letter for t in self.targets)
 
-    def reset_parameters(self) -> None:
+    @torch.no_grad()
+    def reset_parameters(self, init_seeds: Sequence[int] | None = None) -> None:
         # kaiming_uniform_(a=sqrt(5)) on an (r, d_in) matrix, as loralib does: bound 1/sqrt(d_in).
         bound = 1.0 / math.sqrt(self.d_in)
-        nn.init.uniform_(self.lora_A, -bound, bound)
+        if init_seeds is None:
+            nn.init.uniform_(self.lora_A, -bound, bound)
+        else:
+            for a, seed in zip(self.lora_A, init_seeds, strict=True):
+                g = torch.Generator().manual_seed(seed)
+                a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=g))
         nn.init.zeros_(self.lora_B)
 
     def delta(self) -> torch.Tensor:

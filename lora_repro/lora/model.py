@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from lora_repro.errors import UserError
-from lora_repro.lora.layer import LoRAConv1D
+from lora_repro.lora.layer import LoRAConv1D, init_seed
 from lora_repro.lora.targets import (
     TARGETS,
     blocks,
@@ -104,6 +104,11 @@ def apply_lora(
     biases are frozen; only A and B train. Untargeted slices of ``c_attn`` (k under "qv")
     get no parameters and no compute.
 
+    Each A is drawn from its own generator, seeded by (one draw of the global RNG, rank,
+    layer, matrix). loralib draws every A from the global stream instead, so two runs with
+    one seed at ranks 8 and 64 start with A_8 equal to the first 8 rows of A_64 in the first
+    adapted matrix, which inflates the subspace similarity of Figure 3 there.
+
     Args:
         model: a `GPT2LMHeadModel` (or `GPT2Model`) of any size.
         targets: letters from "qkvo" (attention, the paper's notation) and "fp" (MLP c_fc and
@@ -118,9 +123,11 @@ def apply_lora(
     targets = _validate(model, targets, rank, alpha, dropout)
     for p in model.parameters():
         p.requires_grad_(False)
-    for block in blocks(model):
+    base_seed = int(torch.randint(2**62, ()))
+    for layer, block in enumerate(blocks(model)):
         for path, group in group_by_module(targets).items():
-            _set(block, path, LoRAConv1D(_get(block, path), group, rank, alpha, dropout))
+            seeds = [init_seed(base_seed, rank, layer, t.letter) for t in group]
+            _set(block, path, LoRAConv1D(_get(block, path), group, rank, alpha, dropout, seeds))
     return model
 
 
