@@ -1,7 +1,7 @@
 """The run directory: the contract between training and `analysis/`.
 
     runs/<name>/<job>/
-        .hydra/                 Hydra's composed config and overrides
+        run_config.json         the job's full config, written once the directory is checked
         adapter.safetensors     final LoRA factors (`lora_repro.lora.save_adapter`)
         metrics.jsonl           one JSON object per logged step or epoch
         predictions.txt         decoded test outputs, one line per unique source
@@ -28,6 +28,7 @@ from lora_repro.config import TrainConfig
 from lora_repro.errors import UserError
 
 SUMMARY = "summary.json"
+CONFIG = "run_config.json"
 ADAPTER = "adapter.safetensors"
 METRICS = "metrics.jsonl"
 PREDICTIONS = "predictions.txt"
@@ -129,7 +130,5 @@ def load_checkpoint(path: Path) -> dict | None:
 
 
 def find_runs(root: Path) -> list[Path]:
-    """Every job directory below `root` (a dir holding `.hydra/` or `summary.json`), sorted."""
-    root = Path(root)
-    found = {p.parent for p in root.rglob(".hydra")} | {p.parent for p in root.rglob(SUMMARY)}
-    return sorted(found)
+    """Every job directory below `root` (a dir holding `run_config.json` or `summary.json`)."""
+    return sorted({p.parent for name in (CONFIG, SUMMARY) for p in Path(root).rglob(name)})

@@ -32,15 +32,16 @@ def is_complete(run_dir: Path) -> bool:
 
 
 def run_config(run_dir: Path, overrides: list[str] | None = None) -> TrainConfig:
-    """The run's config (from summary.json, else .hydra/config.yaml), with `key=value`
+    """The run's config (from summary.json, else run_config.json), with `key=value`
     overrides such as `eval.beam=5` applied and type-checked."""
     run_dir = Path(run_dir)
     if is_complete(run_dir):
         saved = OmegaConf.create(rundir.read_json(run_dir / rundir.SUMMARY)["config"])
-    elif (run_dir / ".hydra" / "config.yaml").is_file():
-        saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+    elif (run_dir / rundir.CONFIG).is_file():
+        saved = OmegaConf.create(rundir.read_json(run_dir / rundir.CONFIG))
     else:
-        raise UserError(f"run={run_dir}: not a run directory (no summary.json or .hydra/)")
+        raise UserError(f"run={run_dir}: not a run directory (no {rundir.SUMMARY} or "
+                        f"{rundir.CONFIG})")
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides or []))

@@ -11,10 +11,12 @@ interrupted job and skips a complete one.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import re
 import sys
+import time
 from pathlib import Path
 
 import hydra
@@ -27,14 +29,25 @@ from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
 from lora_repro.config import TrainConfig, register, validate
 from lora_repro.errors import UserError
+from lora_repro.lora.targets import parse_targets
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 GROUPS = ("model", "task", "experiment")
 
 
-def job_name(method: str, rank: int, targets: str, seed: int, overrides: str = "") -> str:
+def job_name(
+    method: str, rank: int, targets: str, seed: int, overrides: str = "", root: str = ""
+) -> str:
     """A readable job directory name: `r8-qv-s1`, `full-s1`, plus other overrides such as
-    `_lr-0.001` (characters that are unsafe in paths become `-`)."""
+    `_lr-0.001` (characters that are unsafe in paths become `-`). Targets are canonical
+    (`vq` -> `qv`, one run, one directory). A `model=`/`task=` override is named unless the
+    run root `root` (config `name`, by default `<task>-<model id>`) already says it, so
+    `+experiment=table3_e2e model=gpt2,gpt2-large` gives two directories."""
+    with contextlib.suppress(UserError):  # validation reports it, before any training
+        targets = parse_targets(targets)
+    said = [item for item in overrides.split("_")
+            if re.fullmatch(r"(model|task)-(.+)", item) and item.split("-", 1)[1] in root]
+    overrides = "_".join(item for item in overrides.split("_") if item not in said)
     name = f"full-s{seed}" if method == "full" else f"r{rank}-{targets}-s{seed}"
     if overrides:
         extra = re.sub(r"[^A-Za-z0-9.,_+-]", "-", overrides)
@@ -90,17 +103,21 @@ def precheck(args: list[str]) -> None:
     keys at their first value; other sweep syntax (range(), glob()) and command lines with
     Hydra's other flags (--cfg, --config-name, ...) are left to Hydra.
     """
-    multirun = any(a in ("-m", "--multirun") for a in args)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
         return
     overrides = [a for a in args if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
+    for job in _sweep_jobs(overrides, multirun=any(a in ("-m", "--multirun") for a in args)):
+        compose_config(job)
+
+
+def _sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The first job of a sweep (each plain `key=a,b` at its first value), then each other
+    value of each such key with the rest at their first values."""
     sweeps = {i: a.split("=", 1) for i, a in enumerate(overrides) if multirun and _plain_sweep(a)}
     first = [f"{sweeps[i][0]}={sweeps[i][1].split(',')[0]}" if i in sweeps else a
              for i, a in enumerate(overrides)]
-    jobs = [first] + [first[:i] + [f"{key}={value}"] + first[i + 1:]
+    return [first] + [first[:i] + [f"{key}={value}"] + first[i + 1:]
                       for i, (key, values) in sweeps.items() for value in values.split(",")[1:]]
-    for job in jobs:
-        compose_config(job)
 
 
 def compose_config(overrides: list[str]) -> TrainConfig:
@@ -115,24 +132,29 @@ def compose_config(overrides: list[str]) -> TrainConfig:
 
 OmegaConf.register_new_resolver("job_name", job_name, replace=True)
 register()
-FAILED: list[str] = []  # jobs of this sweep that stopped with a UserError
+FAILED = ".failed"  # <sweep dir>/.failed/<job>: the error line of a job that failed
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
 def _run(dict_cfg: DictConfig) -> float | None:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    marker = Path(hydra_cfg.sweep.dir) / FAILED / run_dir.name
+    marker.unlink(missing_ok=True)
     try:
         cfg: TrainConfig = validate(OmegaConf.to_object(dict_cfg))
         from lora_repro.trainer import train  # heavy imports after validation
 
         summary = train(cfg, run_dir)
     except UserError as e:
-        if HydraConfig.get().mode != RunMode.MULTIRUN:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(2)
         # In a sweep, one bad job must not stop the others (SystemExit would end them all).
+        # The marker tells `main` of the failure also from a launcher's worker process.
         print(f"error: {run_dir.name}: {e}", file=sys.stderr)
-        FAILED.append(run_dir.name)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.write_text(f"{run_dir.name}: {e}\n")
         return None
     print(result_line(run_dir, summary))
     return summary["metrics"].get("val_loss")
@@ -154,11 +176,30 @@ def main() -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    started = time.time()
     _run()
-    if FAILED:
-        print(f"error: {len(FAILED)} job(s) of the sweep failed: {', '.join(FAILED)}",
+    failed = sweep_failures(sys.argv[1:], started)
+    if failed:
+        print(f"error: {len(failed)} job(s) of the sweep failed: {'; '.join(failed)}",
               file=sys.stderr)
         sys.exit(2)
+
+
+def sweep_failures(args: list[str], since: float) -> list[str]:
+    """`job: error` of each job of a sweep (-m) that failed with a UserError after `since`,
+    from the markers the jobs leave in the sweep directory (read back here because with a
+    launcher such as SLURM the jobs run in other processes, their errors in their logs)."""
+    if not any(a in ("-m", "--multirun") for a in args):
+        return []
+    first = _sweep_jobs([a for a in args if not a.startswith("-")], multirun=True)[0]
+    try:
+        with initialize_config_dir(str(CONF), version_base="1.3"):
+            cfg = compose("config", overrides=first, return_hydra_config=True)
+        sweep_dir = Path(cfg.hydra.sweep.dir)
+    except Exception:  # a sweep syntax compose() does not take: nothing more to report
+        return []
+    markers = (sweep_dir / FAILED).glob("*")
+    return sorted(m.read_text().strip() for m in markers if m.stat().st_mtime >= since - 1)
 
 
 if __name__ == "__main__":

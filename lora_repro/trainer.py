@@ -199,6 +199,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     ckpt = rundir.load_checkpoint(run_dir / rundir.CHECKPOINT)
     if ckpt is not None:
         rundir.check_same_run(run_dir, ckpt["identity"], cfg)
+    rundir.write_json(run_dir / rundir.CONFIG, asdict(cfg))
     device = resolve_device(cfg.device)
     autocast = autocast_for(cfg.precision, device)
     if cfg.threads:

@@ -25,7 +25,7 @@ SHRINK = ["max_steps=4", "task.n_train=32", "batch_size=8"]
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     """runs/sweep: r in {8, 64} x seed in {1, 2} on W_q, W_v (r8-s1 decodes the test set, for
-    BLEU), a full fine-tuning run, and an incomplete job (.hydra/ but no summary)."""
+    BLEU), a full fine-tuning run, and an incomplete job (run_config.json but no summary)."""
     root = tmp_path_factory.mktemp("analysis")
     sweep = root / "runs" / "sweep"
     for rank in (8, 64):
@@ -34,7 +34,8 @@ def sweep(tmp_path_factory):
             cfg = make_cfg(*QUICK, *SHRINK, f"rank={rank}", f"seed={seed}", f"eval.test={test}")
             train(cfg, sweep / f"r{rank}-qv-s{seed}")
     train(make_cfg(*QUICK, *SHRINK, "method=full", "eval.test=false"), sweep / "full-s1")
-    (sweep / "r8-qv-s3" / ".hydra").mkdir(parents=True)
+    (sweep / "r8-qv-s3").mkdir()
+    (sweep / "r8-qv-s3" / rundir.CONFIG).write_text("{}")  # started, never finished
     return {"root": root, "dir": sweep}
 
 

@@ -14,7 +14,7 @@ from lora_repro.config import check_positions
 from lora_repro.errors import UserError
 from lora_repro.lora import read_adapter
 from lora_repro.tracking import Tracker
-from lora_repro.train import compose_config
+from lora_repro.train import compose_config, job_name
 from lora_repro.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -177,6 +177,7 @@ def test_rerun_of_complete_run_is_skipped_and_other_settings_refused(tmp_path):
     assert (tmp_path / rundir.SUMMARY).stat().st_mtime_ns == mtime
     with pytest.raises(UserError, match="lr: 0.003 -> 0.001"):
         train(make_cfg(*QUICK, "eval.test=false", "lr=1e-3"), tmp_path)
+    assert rundir.read_json(tmp_path / rundir.CONFIG)["lr"] == 0.003  # the refused run's untouched
 
 
 def test_wandb_offline_writes_run_files(tmp_path):
@@ -237,6 +238,26 @@ def test_cli_sweep_runs_the_other_jobs_past_a_bad_one(tmp_path):
     assert len(errors) == 2 and "rank=200" in errors[0] and "1 job(s)" in errors[1]
     done = [p.name.split("_")[0] for p in tmp_path.iterdir() if (p / rundir.SUMMARY).is_file()]
     assert done == ["r2-qv-s1"]
+    assert not list(tmp_path.rglob(".hydra"))  # each job's config is its own run_config.json
+
+
+def test_cli_sweep_reports_a_failed_job_from_a_launchers_worker(tmp_path):
+    """With submitit (the SLURM launcher's local twin) jobs run in worker processes; the
+    command still names the failed job and its error, and exits 2."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    quick = [a for a in QUICK if not a.startswith("eval.")] + ["eval.test=false", "max_steps=2"]
+    out = cli("-m", "hydra/launcher=submitit_local", *quick, "rank=200,2",
+              f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 job(s) of the sweep failed: r200-qv-s1") and "rank=200" in last
+
+
+def test_job_directories_name_canonical_targets_and_group_overrides_under_presets():
+    assert job_name("lora", 4, "vq", 1) == "r4-qv-s1"
+    assert job_name("lora", 4, "qv", 1, "lr-0.001_model-gpt2-large", "table3_e2e") == (
+        "r4-qv-s1_lr-0.001_model-gpt2-large")
+    assert job_name("lora", 4, "qv", 1, "model-gpt2_task-dart", "dart-gpt2") == "r4-qv-s1"
 
 
 def test_lora_keys_are_no_part_of_a_full_fine_tuning_run():
