@@ -1,16 +1,19 @@
 """Plain-text corpus: reading, document split, caching and packing (lora_repro.data.corpus)."""
 
 import gzip
+import json
 import lzma
 import os
 
 import numpy as np
 import pytest
-from transformers import ByT5Tokenizer
+from tokenizers import Tokenizer
+from transformers import ByT5Tokenizer, PreTrainedTokenizerFast
 
 from lora_repro.data import corpus
 from lora_repro.data.corpus import load_corpus, split_documents
 from lora_repro.errors import UserError
+from lora_repro.modeling import train_bpe
 
 SEP = "<|endoftext|>"
 
@@ -117,3 +120,60 @@ def test_globs_and_errors(tmp_path, byt5):
         load_corpus(str(tmp_path / "e1.txt"), byt5, 100_000, 0.0)
     with pytest.raises(UserError, match="task.valid_fraction"):
         load_corpus(str(tmp_path / "e1.txt"), byt5, 8, 1.0)
+
+
+def without_merge(tokenizer, token: str):
+    """A copy of a fast BPE tokenizer without the merge that makes `token`: same vocabulary
+    and size, but `token` is never produced."""
+    definition = json.loads(tokenizer.backend_tokenizer.to_str())
+    merges = definition["model"]["merges"]
+    [merge] = [m for m in merges if "".join(m) == token]
+    merges.remove(merge)
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(definition)),
+                                   eos_token=tokenizer.eos_token)
+
+
+def test_cache_is_keyed_by_bpe_merges(tmp_path):
+    bpe = train_bpe(["the kernel of a kernel panics"] * 20 + ["hello world"], vocab_size=300)
+    edited = without_merge(bpe, "Ġkernel")
+    assert edited.get_vocab() == bpe.get_vocab() and edited.eos_token_id == bpe.eos_token_id
+    ids, edited_ids = bpe(" kernel")["input_ids"], edited(" kernel")["input_ids"]
+    assert len(ids) == 1 and len(edited_ids) > 1
+    assert corpus.tokenizer_fingerprint(edited) != corpus.tokenizer_fingerprint(bpe)
+
+    path, cache = write(tmp_path / "k.txt", ["a kernel"] * 8), tmp_path / "cache"
+    first = load_corpus(str(path), bpe, 4, 0.0, cache_dir=cache)[0]
+    second = load_corpus(str(path), edited, 4, 0.0, cache_dir=cache)[0]
+    assert len(list(cache.glob("*.offsets.npy"))) == 2
+    assert first.reshape(-1)[:3].tolist() == [*bpe("a kernel")["input_ids"], bpe.eos_token_id]
+    assert second.reshape(-1)[:4].tolist() == [*edited("a kernel")["input_ids"], bpe.eos_token_id]
+
+
+def test_fingerprint_ignores_padding_state_left_by_earlier_calls():
+    bpe = train_bpe(["hello world"] * 5, vocab_size=270)
+    before = corpus.tokenizer_fingerprint(bpe)
+    bpe(["hello", "hello world"], padding=True, truncation=True, max_length=2)
+    assert bpe.backend_tokenizer.padding is not None  # the state the fingerprint must ignore
+    assert corpus.tokenizer_fingerprint(bpe) == before
+
+
+def corrupt_xz(path):
+    path.write_bytes(lzma.compress(b"some text\n")[:12] + b"\0garbage" * 4)
+
+
+def truncated_gz(path):
+    path.write_bytes(gzip.compress(("some text " * 200).encode())[:40])
+
+
+@pytest.mark.parametrize("name, make, cause", [
+    ("latin1.txt", lambda p: p.write_bytes("café\n".encode("latin-1")), "UnicodeDecodeError"),
+    ("bad.txt.xz", corrupt_xz, "LZMAError"),
+    ("cut.txt.gz", truncated_gz, "EOFError"),
+], ids=["not-utf8", "corrupt-xz", "truncated-gz"])
+def test_unreadable_file_is_one_line_user_error(tmp_path, byt5, name, make, cause):
+    make(tmp_path / name)
+    with pytest.raises(UserError) as err:
+        load_corpus(str(tmp_path / name), byt5, 8, 0.0)
+    message = str(err.value)
+    assert message.startswith(f"task.paths: cannot read {tmp_path / name} ({cause}: ")
+    assert "\n" not in message

@@ -18,6 +18,7 @@ import json
 import lzma
 import os
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -53,10 +54,20 @@ def expand_paths(paths: str | list[str]) -> list[Path]:
 
 
 def read_text(path: Path) -> str:
-    """The decompressed UTF-8 text of one corpus file."""
+    """The decompressed UTF-8 text of one corpus file.
+
+    Raises:
+        UserError: the file is unreadable, not UTF-8, or corrupt or truncated ``.gz``/``.xz``
+            (a bad download should not end a run in a decompressor's traceback).
+    """
     opener = {".gz": gzip.open, ".xz": lzma.open}.get(path.suffix, open)
-    with opener(path, "rt", encoding="utf-8") as f:
-        return f.read()
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            return f.read()
+    except (OSError, EOFError, UnicodeDecodeError, lzma.LZMAError, zlib.error) as e:
+        # OSError covers gzip.BadGzipFile; EOFError is a truncated .gz or .xz.
+        reason = (str(e).splitlines() or [""])[0]
+        raise UserError(f"task.paths: cannot read {path} ({type(e).__name__}: {reason})") from e
 
 
 def split_documents(text: str) -> list[str]:
@@ -69,10 +80,30 @@ def split_documents(text: str) -> list[str]:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A string that changes whenever the tokenizer would produce different ids."""
+    """A hash of everything that decides the tokenizer's ids.
+
+    Class, size and a probe's ids are not enough: two BPE tokenizers with the same vocabulary
+    but different merges split words differently. So a fast tokenizer's whole definition
+    (normalizer, pre-tokenizer, vocab, merges, added tokens) is hashed, less its per-call
+    padding and truncation state; a slow one (ByT5) has no such definition, and its vocab,
+    BPE merge ranks and sentencepiece model (where it has them) stand in. The special-token
+    ids and a probe's ids cover what transformers does outside the definition.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        definition = json.loads(backend.to_str())
+        definition.pop("padding", None)
+        definition.pop("truncation", None)
+    else:
+        ranks = getattr(tokenizer, "bpe_ranks", {})
+        sp_model = getattr(tokenizer, "sp_model", None)
+        definition = [sorted(tokenizer.get_vocab().items()), sorted(ranks, key=ranks.get),
+                      sp_model.serialized_model_proto().hex() if sp_model else None]
     probe = "Hello, world! 12345 naïve café\n\tindent  <|endoftext|> ü€😀"
-    ids = tokenizer(probe, add_special_tokens=False)["input_ids"]
-    return f"{type(tokenizer).__name__}|{len(tokenizer)}|{tokenizer.eos_token_id}|{ids}"
+    special = [getattr(tokenizer, f"{t}_token_id") for t in ("bos", "eos", "pad", "unk")]
+    blob = json.dumps([type(tokenizer).__name__, len(tokenizer), special, definition,
+                       tokenizer(probe, add_special_tokens=False)["input_ids"]])
+    return hashlib.sha256(blob.encode()).hexdigest()
 
 
 def cache_key(files: list[Path], tokenizer) -> str:
