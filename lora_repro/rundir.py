@@ -119,14 +119,21 @@ def git_commit() -> str | None:
 def save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
+    with tmp.open("wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict | None:
     if not path.is_file():
         return None
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated or corrupt: torch raises one of several types
+        raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to "
+                        "start this run over") from None
 
 
 def find_runs(root: Path) -> list[Path]:

@@ -37,6 +37,14 @@ def wandb_mode(cfg: WandbConfig) -> str:
     return "online" if _has_api_key() else "offline"
 
 
+def _step(line: str) -> float:
+    """A metrics line's step; a line cut short by a kill (always past the checkpoint) is inf."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return float("inf")
+
+
 class Tracker:
     """Append metrics to `metrics.jsonl` (and W&B); on resume, drop lines past `resume_step`."""
 
@@ -52,7 +60,7 @@ class Tracker:
         kept = []
         if resume_step is not None and self.path.is_file():
             lines = self.path.read_text().splitlines()
-            kept = [line for line in lines if json.loads(line).get("step", 0) <= resume_step]
+            kept = [line for line in lines if _step(line) <= resume_step]
         self.path.write_text("".join(line + "\n" for line in kept))
         self.run = None
         mode = wandb_mode(wandb_cfg)

@@ -195,6 +195,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         summary = rundir.read_json(summary_path)
         rundir.check_same_run(run_dir, summary["identity"], cfg)
         print(f"{run_dir} is complete (summary.json); nothing to do")
+        if cfg.eval.test and not (run_dir / rundir.PREDICTIONS).is_file():
+            print(f"its test set was not decoded: python -m lora_repro.evaluate decode "
+                  f"run={run_dir}")
         return summary
     ckpt = rundir.load_checkpoint(run_dir / rundir.CHECKPOINT)
     if ckpt is not None:
@@ -299,6 +302,9 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
                 metrics = {"train_loss": loss_sum.item() / steps_logged,
                            "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed,
                            "epoch": round(epoch + batch_index / len(batches), 4)}  # epochs done
+                if not math.isfinite(metrics["train_loss"]):
+                    raise UserError(f"training diverged: train_loss {metrics['train_loss']} by "
+                                    f"step {step} (lr={cfg.lr}); lower lr and start a new run")
                 tracker.log(metrics, step)
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}", lr=f"{metrics['lr']:.2e}",
                                 tok_s=f"{metrics['tokens_per_s']:.0f}")

@@ -264,3 +264,20 @@ def test_lora_keys_are_no_part_of_a_full_fine_tuning_run():
     full = rundir.identity(make_cfg("method=full"))
     assert full == rundir.identity(make_cfg("method=full", "rank=8", "targets=qkvo"))
     assert "rank" not in full and rundir.identity(make_cfg("rank=8"))["rank"] == 8
+
+
+def test_resume_survives_a_metrics_line_cut_short_and_names_a_corrupt_checkpoint(tmp_path):
+    metrics = tmp_path / rundir.METRICS
+    metrics.write_text('{"step": 4, "train_loss": 1.0}\n{"step": 8, "train_loss": 0.9}\n{"st')
+    Tracker(tmp_path, make_cfg(*QUICK).logger.wandb, {}, "g", resume_step=4).finish()
+    assert metrics.read_text() == '{"step": 4, "train_loss": 1.0}\n'
+    (tmp_path / rundir.CHECKPOINT).parent.mkdir()
+    (tmp_path / rundir.CHECKPOINT).write_bytes(b"PK\x03\x04 cut short")
+    with pytest.raises(UserError, match="unreadable checkpoint .* delete it"):
+        train(make_cfg(*QUICK), tmp_path)
+
+
+def test_divergence_stops_the_run_at_a_log_step(tmp_path):
+    with pytest.raises(UserError, match="training diverged: train_loss nan by step 4"):
+        train(make_cfg(*QUICK, "eval.test=false", "lr=1e6"), tmp_path)
+    assert not (tmp_path / rundir.SUMMARY).exists()
