@@ -285,7 +285,9 @@ def test_encode_prompts_are_the_training_prefix(byt5):
     ex = Example("name : Beta", "Beta.")
     (ids,) = encode_prompts(byt5, [ex.source], max_length=64)
     assert encode_example(byt5, ex, 64)["input_ids"][: len(ids)] == ids
-    assert encode_prompts(byt5, [ex.source], max_length=4)[0] == ids[-4:]
+    # An over-long prompt is cut as in training: its last max_length - 1 tokens.
+    cut = encode_prompts(byt5, [ex.source], max_length=4)[0]
+    assert cut == ids[-3:] == encode_example(byt5, ex, 4)["input_ids"][:3]
 
 
 # ---- batching --------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def encode_dataset(tokenizer, examples: list[Example], max_length: int) -> list[
 
 
 def encode_prompts(tokenizer, sources: list[str], max_length: int) -> list[list[int]]:
-    """Prompt ids for decoding, each cut on the left to at most `max_length` tokens."""
+    """Prompt ids for decoding, each cut on the left to at most `max_length - 1` tokens: the
+    prompt training saw (`join_and_truncate`)."""
     _check(tokenizer, max_length)
     ids = _token_ids(tokenizer, [prompt_text(s) for s in sources])
-    return [p[max(0, len(p) - max_length):] for p in ids]
+    return [p[max(0, len(p) - (max_length - 1)):] for p in ids]
