@@ -15,8 +15,8 @@ frozen W_0 of the runs' base model (loaded once per distinct base). Writes, per 
 - ``amplification_<sweep>_<m>.{png,pdf,csv}``: the amplification factor against the LoRA
   rank, one line per layer (every layer of the model);
 - ``weight_similarity_<sweep>_<m>_layer<L>.{png,pdf,csv}`` (Figure 8): phi(W, dW, k, r),
-  how much of dW's r directions lie in W's top-k right-singular directions, per run, with
-  the random expectation max(k, r) / d_in for the largest r.
+  how much of dW's r directions lie in W's top-k right-singular directions, per run, each
+  with its own random expectation max(k, r) / d_in (dashed, in the curve's colour).
 
 Prints each Table 7 as Markdown.
 """
@@ -178,19 +178,22 @@ def powers_of_two(d: int) -> list[int]:
 
 
 def weight_similarity(sources: Sequence[Source], updates: Updates, base: BaseWeights,
-                      layer: int, m: str) -> tuple[list[int], dict, list[float]]:
+                      layer: int, m: str) -> tuple[list[int], dict, dict]:
     """Figure 8 for one layer: ks, {column: phi(W, dW, k, r) per k} with r a LoRA run's
-    rank (full fine-tuning: the largest rank), and the random expectation for that r."""
-    curves = {}
-    j = max(r for s in sources for r in s.ranks)
+    rank (full fine-tuning: the largest rank), and {column: the random expectation
+    max(k, r) / d_in per k} for that column's own r (it depends on r: 1/128 at k = 1 for
+    r = 1 but 4/128 for r = 4 when d_in = 128)."""
+    curves, baselines = {}, {}
     for source in sources:
         W = base.svd(source.run, layer, m)
         ks = powers_of_two(W.S.shape[0])
         r = max(source.ranks)
         phi = linalg.top_singular_similarity(W, updates.svd(source.run, layer, m), ks, r)
-        curves[source.column(r)] = phi.tolist()
-    baseline = linalg.expected_random_similarity_grid(max(ks), j, W.shape[1])[:, -1]
-    return ks, curves, [float(baseline[k - 1]) for k in ks]
+        column = source.column(r)
+        curves[column] = phi.tolist()
+        expected = linalg.expected_random_similarity_grid(max(ks), r, W.shape[1])[:, -1]
+        baselines[column] = [float(expected[k - 1]) for k in ks]
+    return ks, curves, baselines
 
 
 def write_outputs(sources, updates, base, letters, layers, n_layer, out, sweep) -> list:
@@ -208,9 +211,9 @@ def write_outputs(sources, updates, base, letters, layers, n_layer, out, sweep) 
             files += plots.plot_amplification(ranks, lines, out / name.replace(", ", "_"),
                                               title=f"How much ΔW{m} amplifies W{m}")
         for layer in cli.progress(layers, f"Figure 8, W{m}"):
-            ks, curves, baseline = weight_similarity(sources, updates, base, layer, m)
+            ks, curves, baselines = weight_similarity(sources, updates, base, layer, m)
             files += plots.plot_weight_similarity(
-                ks, curves, out / f"weight_similarity_{sweep}_{m}_layer{layer + 1}", baseline,
+                ks, curves, out / f"weight_similarity_{sweep}_{m}_layer{layer + 1}", baselines,
                 title=f"φ(W{m}, ΔW{m}): W{m}'s top-k directions vs ΔW{m}'s, layer {layer + 1}")
     return files
 

@@ -24,6 +24,7 @@ import pandas as pd
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
 from lora_repro.errors import UserError
@@ -226,26 +227,50 @@ def _line_axes(xlabel: str, ylabel: str, x: Sequence[int]):
 
 
 def plot_weight_similarity(ks: Sequence[int], curves: Mapping[str, Sequence[float]], path,
-                           baseline: Sequence[float] | None = None,
+                           baselines: Mapping[str, Sequence[float]] | None = None,
                            title: str = r"$\phi(W_q, \Delta W_q)$") -> list[Path]:
     """Figure 8 (Appendix H.3) as lines: phi(W, dW, k, j) against k, W's top-k directions.
 
     ks: the k values (x axis, log 2); curves: label (e.g. "r = 4") -> phi at each k, with j
-    = that run's rank (`linalg.top_singular_similarity`); baseline: the random expectation
-    max(k, j) / d or a random matrix's curve, drawn dashed grey. CSV: one column per curve.
+    = that run's rank (`linalg.top_singular_similarity`); baselines: curve label -> that
+    curve's random expectation max(k, j) / d at each k (it depends on the curve's own j),
+    drawn dashed in the curve's colour; curves with equal baselines share the dashed line,
+    in alternating dashes of their colours. CSV: one column per curve, then one
+    "random, <label>" column per baseline.
     """
+    baselines = dict(baselines or {})
+    if unknown := sorted(set(baselines) - set(curves)):
+        raise UserError(f"baselines for {unknown} have no curve; curves: {sorted(curves)}")
     with matplotlib.rc_context(STYLE):
         fig, ax = _line_axes("k (top-k singular directions of W)", r"$\phi$", ks)
-        for label, values in curves.items():
-            ax.plot(ks, list(values), marker="o", markersize=3, label=label)
-        if baseline is not None:
-            ax.plot(ks, list(baseline), ls="--", color="0.45", label="random")
+        colours = {label: ax.plot(ks, list(values), marker="o", markersize=3,
+                                  label=label)[0].get_color()
+                   for label, values in curves.items()}
+        _dashed_baselines(ax, ks, baselines, colours)
         ax.set_ylim(0, 1.02)
         ax.set_title(title)
-        ax.legend(loc="upper left")
+        handles = ax.get_legend_handles_labels()[0]
+        if baselines:
+            handles.append(Line2D([], [], ls="--", color="0.45",
+                                  label="random (dashed, same colour)"))
+        ax.legend(handles=handles, loc="upper left")
         written = _save(fig, path)
-    table = dict(curves) | ({"random": baseline} if baseline is not None else {})
+    table = dict(curves) | {f"random, {label}": v for label, v in baselines.items()}
     return written + [write_curves_csv(ks, table, _sibling(path, ".csv"), "k")]
+
+
+def _dashed_baselines(ax, ks: Sequence[int], baselines: Mapping[str, Sequence[float]],
+                      colours: Mapping[str, str], dash: float = 3.0, gap: float = 2.0) -> None:
+    """Each baseline dashed in its curve's colour; equal baselines (e.g. LoRA and full
+    fine-tuning at the same r) are drawn once, their colours taking turns along the dashes."""
+    groups: dict[tuple[float, ...], list[str]] = {}
+    for label, values in baselines.items():
+        groups.setdefault(tuple(float(v) for v in values), []).append(label)
+    for values, labels in groups.items():
+        period = len(labels) * (dash + gap)
+        for i, label in enumerate(labels):
+            ax.plot(ks, list(values), color=colours[label], lw=1.0,
+                    ls=((period - i * (dash + gap)) % period, (dash, period - dash)))
 
 
 def plot_amplification(ranks: Sequence[int], factors: Mapping[str, Sequence[float]], path,

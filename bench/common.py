@@ -10,6 +10,7 @@ import argparse
 import datetime
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +34,8 @@ def arguments(description: str) -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="CPU, tiny model, seconds (a smoke test)")
     p.add_argument("--data-dir", default=str(SHARED / "data" / "e2e"))
     p.add_argument("--tokenizer", default=str(SHARED / "gpt2-tokenizer"))
-    p.add_argument("--out", default=None, help="results JSON (default bench/results/<name>.json)")
+    p.add_argument("--out", default=None,
+                   help="results JSON (default bench/results/<name>.json; --tiny: a temp file)")
     return p
 
 
@@ -104,7 +106,11 @@ def environment(device: torch.device) -> dict:
 
 
 def save(name: str, args, result: dict) -> Path:
-    path = Path(args.out) if args.out else RESULTS / f"{name}.json"
+    """Write the results JSON: `--out`, else bench/results/<name>.json (and regenerate
+    RESULTS.md); a --tiny run without --out goes to the temp dir, never over real results."""
+    default = Path(tempfile.gettempdir()) / f"bench_{name}_tiny.json" if args.tiny else (
+        RESULTS / f"{name}.json")
+    path = Path(args.out) if args.out else default
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=2) + "\n")
     if not args.tiny and args.out is None:

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -148,12 +149,35 @@ def test_amplification_table7_matches_linalg(sweep, tmp_path, capsys):
     assert full[4] > 0
     curves = pd.read_csv(tmp_path / "weight_similarity_sweep_q_layer1.csv", index_col=0)
     assert list(curves.index) == [1, 2, 4, 8, 16, 32, 64, 128]
-    assert list(curves.columns) == ["r = 8", "r = 64", "FT, r = 64", "random"]
+    assert list(curves.columns) == ["r = 8", "r = 64", "FT, r = 64", "random, r = 8",
+                                    "random, r = 64", "random, FT, r = 64"]
     assert ((curves >= 0) & (curves <= 1 + 1e-9)).all().all()
     assert curves.loc[128].to_numpy() == pytest.approx(1.0)  # all of W's directions
+    for label, r in (("r = 8", 8), ("r = 64", 64), ("FT, r = 64", 64)):  # max(k, r) / d_in
+        expected = [max(k, r) / 128 for k in curves.index]
+        assert list(curves[f"random, {label}"]) == pytest.approx(expected, rel=1e-12)
     factors = pd.read_csv(tmp_path / "amplification_sweep_q.csv", index_col=0)
     assert list(factors.index) == [8, 64] and list(factors.columns) == ["layer 1", "layer 2"]
     assert factors.loc[64, "layer 2"] == pytest.approx(column[5])
+
+
+def test_weight_similarity_gives_each_rank_its_own_random_baseline():
+    """Figure 8: the r = 1 curve's baseline at k = 1 is 1 / d_in, not the largest rank's."""
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(96, 128, generator=g, dtype=torch.float64)  # d_out != d_in: d is d_in
+    factors = {r: (torch.randn(96, r, generator=g, dtype=torch.float64),
+                   torch.randn(r, 128, generator=g, dtype=torch.float64)) for r in (1, 4)}
+    runs = {r: SimpleNamespace(method="lora", rank=r) for r in factors}
+    sources = [amplification.Source(runs[r], (r,), "") for r in factors]
+    base = SimpleNamespace(svd=lambda run, layer, m: linalg.svd(W))
+    updates = SimpleNamespace(svd=lambda run, layer, m: linalg.svd_of_product(*factors[run.rank]))
+    ks, curves, baselines = amplification.weight_similarity(sources, updates, base, 0, "q")
+    assert ks == [1, 2, 4, 8, 16, 32, 64, 96] and list(baselines) == list(curves)
+    assert baselines["r = 1"][0] == 1 / 128 and baselines["r = 4"][0] == 4 / 128
+    for label, r in (("r = 1", 1), ("r = 4", 4)):
+        assert baselines[label] == pytest.approx([max(k, r) / 128 for k in ks], rel=1e-12)
+        expected = linalg.top_singular_similarity(W, linalg.svd_of_product(*factors[r]), ks, r)
+        assert curves[label] == pytest.approx(expected.tolist(), rel=1e-12)
 
 
 # ---------------------------------------------------------------- tables

@@ -29,6 +29,13 @@ def test_inference_tiny(tmp_path):
     assert result["decode_s"] > 0
 
 
-def test_analysis_grid_small():
-    seconds = analysis_grid.main(["--layers", "2", "--d", "256"])
-    assert set(seconds) == {"fig3", "fig4", "table7+fig8", "erank"}
+def test_analysis_grid_tiny(tmp_path):
+    out = tmp_path / "analysis_grid.json"
+    seconds = analysis_grid.main(["--tiny", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["command"] == "python -m bench.analysis_grid --tiny"
+    assert "4 matrices (2 layers x Wq, Wv), d = 128" in result["notes"][0]
+    rows = {r["stage"]: r for r in result["tables"][0]["rows"]}
+    assert list(rows) == ["fig3", "fig4", "table7+fig8", "erank", "total"]
+    assert all(rows[name]["s"] == s > 0 for name, s in seconds.items())
+    assert rows["total"]["s"] == pytest.approx(sum(seconds.values()))

@@ -62,12 +62,20 @@ def test_layer_similarity_titles_layers_one_based(tmp_path):
 
 def test_line_plots_write_one_csv_column_per_curve(tmp_path):
     ks = [1, 2, 4, 8]
-    written = plots.plot_weight_similarity(ks, {"r = 4": [0.1, 0.2, 0.3, 1.0]},
-                                           tmp_path / "fig8", baseline=[0.5, 0.5, 0.5, 0.5])
+    phi = {"r = 1": [0.4, 0.6, 0.9, 1.0], "r = 4": [0.1, 0.2, 0.3, 1.0],
+           "FT, r = 4": [0.2, 0.3, 0.4, 1.0]}
+    baselines = {label: [max(k, r) / 8 for k in ks]
+                 for label, r in (("r = 1", 1), ("r = 4", 4), ("FT, r = 4", 4))}
+    written = plots.plot_weight_similarity(ks, phi, tmp_path / "fig8", baselines)
     assert_figure_files(written, tmp_path / "fig8")
     curves = pd.read_csv(tmp_path / "fig8.csv", index_col="k")
-    assert list(curves.index) == ks and list(curves.columns) == ["r = 4", "random"]
+    assert list(curves.index) == ks and list(curves.columns) == [
+        "r = 1", "r = 4", "FT, r = 4", "random, r = 1", "random, r = 4", "random, FT, r = 4"]
     assert curves.loc[8, "r = 4"] == 1.0
+    assert list(curves["random, r = 1"]) == [1 / 8, 2 / 8, 4 / 8, 1.0]  # each curve its own
+    assert list(curves["random, r = 4"]) == [4 / 8, 4 / 8, 4 / 8, 1.0]
+    with pytest.raises(UserError, match="no curve"):
+        plots.plot_weight_similarity(ks, phi, tmp_path / "bad", {"r = 8": [0.5] * 4})
 
     lines = {f"layer {n}": [10.0 * n, 5.0, 1.0] for n in range(1, 13)}  # > 8: a colourbar
     written = plots.plot_amplification([4, 16, 64], lines, tmp_path / "amp")
