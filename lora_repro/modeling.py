@@ -6,11 +6,13 @@ at a local copy, instead of a wall of hub tracebacks.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoTokenizer,
     ByT5Tokenizer,
     GPT2Config,
     GPT2LMHeadModel,
@@ -61,14 +63,23 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
     if name == "byt5":
         tokenizer = ByT5Tokenizer()
     else:
+        # A directory saved by transformers names its class (a stand-in exported by
+        # method=full may carry ByT5's); GPT-2's bare vocab.json + merges.txt do not.
+        saved = _saved_tokenizer_class(name)
+        cls = AutoTokenizer if saved and not saved.startswith("GPT2") else GPT2TokenizerFast
         try:
-            tokenizer = GPT2TokenizerFast.from_pretrained(name)
+            tokenizer = cls.from_pretrained(name)
         except (OSError, ValueError) as e:
             what = "tokenizer files (vocab.json, merges.txt)"
             raise _unreachable("model.tokenizer", name, what) from e
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def _saved_tokenizer_class(name: str) -> str | None:
+    path = Path(name).expanduser() / "tokenizer_config.json"
+    return json.loads(path.read_text()).get("tokenizer_class") if path.is_file() else None
 
 
 def _no_dropout(config: GPT2Config, p: float) -> GPT2Config:

@@ -54,7 +54,9 @@ def test_exported_model_is_a_base_for_lora(pretrained, tmp_path):
     model_dir = run_dir / rundir.MODEL
     cfg = make_cfg(*QUICK, "eval.test=false", "model.init=pretrained",
                    f"model.name={model_dir}", f"model.tokenizer={model_dir}")
-    train(cfg, tmp_path)
+    train(cfg, tmp_path)  # with the exported ByT5 tokenizer, not a GPT-2 one that reads nothing
+    assert runs.run_tokenizer(tmp_path, cfg)("ab", add_special_tokens=False).input_ids == [100, 101]
+    assert losses(tmp_path)[-1] < losses(tmp_path)[0]
     base = runs.base_model(tmp_path)
     exported = GPT2LMHeadModel.from_pretrained(model_dir)
     assert torch.equal(base.transformer.h[1].attn.c_attn.weight,
