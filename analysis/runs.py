@@ -189,17 +189,26 @@ class BaseWeights:
     def __init__(self, letters: str):
         self.letters = letters
         self._weights: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+        self._fingerprints: dict[str, str] = {}
         self._svds: dict[tuple[str, int, str], linalg.SVD] = {}
 
     def __call__(self, run: Run) -> dict[tuple[int, str], torch.Tensor]:
         key = base_model_key(run)
         if key not in self._weights:
             from lora_repro.lora import base_weights
+            from lora_repro.modeling import base_fingerprint
             from lora_repro.runs import base_model
 
-            weights = base_weights(base_model(run.path), targets=self.letters)
+            model = base_model(run.path)
+            self._fingerprints[key] = base_fingerprint(model)
+            weights = base_weights(model, targets=self.letters)
             # float64 and contiguous once, the precision `linalg` works in on the CPU
             self._weights[key] = {k: w.double().contiguous() for k, w in weights.items()}
+        trained_on = run.summary.get("base_fingerprint")
+        if trained_on not in (None, self._fingerprints[key]):
+            raise UserError(f"{run.path} was trained on another base than model.name="
+                            f"{run.config['model']['name']!r} holds now (weights differ); "
+                            "W vs dW needs the original base")
         return self._weights[key]
 
     def svd(self, run: Run, layer: int, letter: str) -> linalg.SVD:

@@ -6,6 +6,7 @@ at a local copy, instead of a wall of hub tracebacks.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -119,6 +120,17 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GPT2LMHe
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.init_seed)
         return GPT2LMHeadModel(_no_dropout(config, cfg.dropout))
+
+
+def base_fingerprint(model: GPT2LMHeadModel) -> str:
+    """A short hash of a model's weights, to tell later whether the base a run was trained on
+    is still what `model.name` loads (a re-pretrained stand-in has the same shape). Hashes the
+    first 16 KiB of every parameter: cheap at any size, and any retraining changes them."""
+    digest = hashlib.sha256()
+    for name, param in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(param.detach().cpu().contiguous().view(-1)[:4096].float().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def resolve_device(name: str) -> torch.device:

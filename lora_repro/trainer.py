@@ -36,7 +36,13 @@ from lora_repro.data.tasks import TASKS, default_options
 from lora_repro.errors import UserError
 from lora_repro.lora import apply_lora, count_trainable, save_adapter
 from lora_repro.modeling import autocast as autocast_for
-from lora_repro.modeling import load_model, load_tokenizer, resolve_device, train_bpe
+from lora_repro.modeling import (
+    base_fingerprint,
+    load_model,
+    load_tokenizer,
+    resolve_device,
+    train_bpe,
+)
 from lora_repro.tracking import Tracker
 
 
@@ -218,6 +224,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     torch.manual_seed(cfg.seed)
     model = load_model(cfg.model, tokenizer)
     check_positions(cfg, model.config.n_positions)  # a pretrained model's own
+    base_id = base_fingerprint(model)
     if cfg.method == "lora":
         apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout)
     else:
@@ -342,6 +349,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         "identity": rundir.identity(cfg),
         "config": asdict(cfg),
         "metrics": metrics,
+        "base_fingerprint": base_id,
         "trainable_params": count_trainable(model),
         "total_params": sum(p.numel() for p in model.parameters()),
         "steps": step,

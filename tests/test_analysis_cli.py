@@ -15,6 +15,7 @@ from transformers import GPT2LMHeadModel
 
 from analysis import amplification, cli, linalg, subspace, tables
 from lora_repro import rundir
+from lora_repro.errors import UserError
 from lora_repro.lora import base_weights, read_adapter
 from lora_repro.runs import base_model
 from lora_repro.trainer import train
@@ -270,3 +271,15 @@ def test_commands_run_as_modules(tmp_path):
                             capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 2 and result.stderr.startswith("error: ")
     assert len(result.stderr.splitlines()) == 1
+
+
+def test_base_weights_refuse_a_base_that_changed_since_training(sweep):
+    from analysis.runs import BaseWeights, Run
+
+    job = sweep["dir"] / "r8-qv-s1"
+    summary = rundir.read_json(job / rundir.SUMMARY)
+    assert len(summary["base_fingerprint"]) == 16
+    assert BaseWeights("qv")(Run(job, summary))[(0, "q")].shape == (128, 128)
+    other = {**summary, "base_fingerprint": "0" * 16}  # as if model.name were retrained since
+    with pytest.raises(UserError, match="trained on another base"):
+        BaseWeights("qv")(Run(job, other))
