@@ -20,10 +20,8 @@ the clock starts) and writes them to `bench/results/analysis_grid.json`
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
@@ -95,17 +93,6 @@ def timed(stage: Callable[[dict], None], inputs: list[dict], device: str) -> flo
     return time.perf_counter() - start
 
 
-def cpu_name() -> str:
-    """The CPU's model name (Linux), else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true",
@@ -132,10 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     inputs = make_inputs(args.layers, args.d, args.device)
     timed(fig3, inputs[:1], args.device)  # warm-up (lazy LAPACK / cuSOLVER init)
     device = torch.device(args.device)
-    hardware = cpu_name() if device.type == "cpu" else torch.cuda.get_device_name(device)
-    setting = (f"{len(inputs)} matrices ({args.layers} layers x Wq, Wv), d = {args.d}, "
-               f"{hardware}, torch threads = {torch.get_num_threads()}")
-    print(setting)
+    setting = f"{len(inputs)} matrices ({args.layers} layers x Wq, Wv), d = {args.d}"
+    print(f"{setting}, {common.device_name(device)}")
     seconds = {}
     for name, (stage, _) in STAGES.items():
         seconds[name] = timed(stage, inputs, args.device)

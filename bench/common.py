@@ -90,6 +90,17 @@ def median_ms(fn, device: torch.device, repeats: int, warmup: int = 5) -> float:
     return statistics.median(times)
 
 
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name (Linux) with its torch thread count."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.split(":", 1)[1].strip() for line in
+              (cpuinfo.read_text().splitlines() if cpuinfo.is_file() else [])
+              if line.startswith("model name")]
+    return f"{models[0] if models else 'CPU'}, {torch.get_num_threads()} torch threads"
+
+
 def environment(device: torch.device) -> dict:
     import transformers
 
@@ -100,8 +111,7 @@ def environment(device: torch.device) -> dict:
         versions["peft"] = peft.__version__
     except ImportError:
         pass
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    return {"device": name, "versions": versions,
+    return {"device": device_name(device), "versions": versions,
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
 
 

@@ -129,7 +129,7 @@ def base_fingerprint(model: GPT2LMHeadModel) -> str:
     digest = hashlib.sha256()
     for name, param in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().view(-1)[:4096].float().numpy().tobytes())
+        digest.update(param.detach().reshape(-1)[:4096].float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -45,9 +45,9 @@ def job_name(
     `+experiment=table3_e2e model=gpt2,gpt2-large` gives two directories."""
     with contextlib.suppress(UserError):  # validation reports it, before any training
         targets = parse_targets(targets)
-    said = [item for item in overrides.split("_")
-            if re.fullmatch(r"(model|task)-(.+)", item) and item.split("-", 1)[1] in root]
-    overrides = "_".join(item for item in overrides.split("_") if item not in said)
+    said = re.compile(r"(?:model|task)-(.+)")
+    overrides = "_".join(item for item in overrides.split("_")
+                         if not ((m := said.fullmatch(item)) and m[1] in root))
     name = f"full-s{seed}" if method == "full" else f"r{rank}-{targets}-s{seed}"
     if overrides:
         extra = re.sub(r"[^A-Za-z0-9.,_+-]", "-", overrides)

@@ -49,13 +49,13 @@ class LoRAConv1D(nn.Module):
 
     Parameters (the only trainable ones):
         lora_A: (k, r, d_in), Kaiming-uniform as in loralib, i.e. U(-1/sqrt(d_in), 1/sqrt(d_in)),
-            slice i drawn from its own generator seeded by `init_seeds[i]` (else the global RNG).
+            slice i drawn from its own generator seeded by `init_seeds[i]`.
         lora_B: (k, d_out, r), zero, so the adapted model starts equal to the base model.
     """
 
     def __init__(
         self, base: nn.Module, targets: list[Target], rank: int, alpha: float, dropout: float,
-        init_seeds: Sequence[int] | None = None,
+        init_seeds: Sequence[int],
     ):
         super().__init__()
         n_slices = targets[0].n_slices
@@ -80,15 +80,12 @@ class LoRAConv1D(nn.Module):
         return "".join(t.letter for t in self.targets)
 
     @torch.no_grad()
-    def reset_parameters(self, init_seeds: Sequence[int] | None = None) -> None:
+    def reset_parameters(self, init_seeds: Sequence[int]) -> None:
         # kaiming_uniform_(a=sqrt(5)) on an (r, d_in) matrix, as loralib does: bound 1/sqrt(d_in).
         bound = 1.0 / math.sqrt(self.d_in)
-        if init_seeds is None:
-            nn.init.uniform_(self.lora_A, -bound, bound)
-        else:
-            for a, seed in zip(self.lora_A, init_seeds, strict=True):
-                g = torch.Generator().manual_seed(seed)
-                a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=g))
+        for a, seed in zip(self.lora_A, init_seeds, strict=True):
+            g = torch.Generator().manual_seed(seed)
+            a.copy_(torch.empty(a.shape).uniform_(-bound, bound, generator=g))
         nn.init.zeros_(self.lora_B)
 
     def delta(self) -> torch.Tensor:
