@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
+from lora_repro.data.references import check_references
 from lora_repro.errors import UserError
 from lora_repro.lora.targets import parse_targets
 
@@ -55,6 +56,7 @@ class TaskConfig:
     max_length: int = 512  # tokens per example (prompt + target + eos)
     length_penalty: float = 0.9  # beam search; the paper's Table 11: 0.9 E2E, 0.8 WebNLG/DART
     metrics: str = "e2e"  # e2e (official E2E script) | bleu_meteor (WebNLG, DART)
+    references: str = "paper"  # paper: E2E text tokenized as the LoRA code's files | original
     paths: list[str] = field(default_factory=list)  # corpus: .txt/.txt.gz/.txt.xz files, globs
     block_size: int = 512  # corpus: tokens per packed block
     cache_dir: str | None = "~/.cache/lora_repro/corpus"  # corpus: tokenized cache; None: off
@@ -137,6 +139,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
     for key, allowed in ALLOWED.items():
         if _get(cfg, key) not in allowed:
             raise UserError(f"{key}={_get(cfg, key)!r}: allowed values are {allowed}")
+    check_references(cfg.task.references, cfg.task.name)
     if cfg.method == "lora":
         cfg.targets = parse_targets(cfg.targets)
         if cfg.rank < 1:

@@ -1,7 +1,7 @@
 """Evaluation commands: ``score`` a hypothesis file or a run, ``decode`` a run's test set.
 
     python -m lora_repro.evaluate score --refs testset_w_refs.csv --hyp outputs.txt
-        [--metrics BLEU,NIST,METEOR,ROUGE_L,CIDEr]
+        [--metrics BLEU,NIST,METEOR,ROUGE_L,CIDEr] [--references paper|original]
     python -m lora_repro.evaluate decode run=runs/smoke/r4-qv-s1 [eval.beam=5 ...]
     python -m lora_repro.evaluate score run=runs/smoke/r4-qv-s1
 
@@ -10,6 +10,9 @@ E2E scale (``measure_scores.py -p`` of github.com/tuetschek/e2e-metrics). ``deco
 the run's base model and adapter, merges, beam-decodes every test source into the run's
 ``predictions.txt``, scores it and adds the metrics to ``summary.json``; ``score run=``
 re-scores an existing ``predictions.txt`` (e.g. decoded on a GPU machine without Java).
+``--references paper`` (the default) scores against the references tokenized as the LoRA
+code's test.txt, as the paper did; ``original`` against the CSV text (the E2E challenge's
+way). The hypotheses are scored as they are. ``score run=`` uses the run's task.references.
 Mistakes a user can fix print ``error: <message>`` on stderr and exit with status 2.
 """
 
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lora_repro import rundir
+from lora_repro.data.references import REFERENCES, check_references, text_transform
 from lora_repro.errors import UserError
 from lora_repro.metrics import E2E_METRICS, check_metrics, read_hyps, read_refs_csv, score_e2e
 from lora_repro.metrics.coco import require_java
@@ -96,7 +100,10 @@ def run_score(args: argparse.Namespace) -> int:
     if not (args.refs and args.hyp):
         raise UserError("give --refs REFS.csv and --hyp HYP.txt, or run=PATH")
     metrics = check_metrics(args.metrics.split(","))
+    prepare = text_transform(check_references(args.references, "e2e"), "test")
     _, refs = read_refs_csv(args.refs)
+    if prepare is not None:
+        refs = [[prepare(ref) for ref in group] for group in refs]
     hyps = read_hyps(args.hyp)
     if len(hyps) != len(refs):
         raise UserError(f"{args.hyp} has {len(hyps)} lines but {args.refs} has {len(refs)} MRs; "
@@ -117,6 +124,9 @@ def add_score_parser(subparsers) -> None:
     parser.add_argument("--hyp", help="text file, one output per MR")
     parser.add_argument("--metrics", default=",".join(E2E_METRICS),
                         help=f"comma-separated subset of {','.join(E2E_METRICS)}")
+    parser.add_argument("--references", default="paper", metavar="|".join(REFERENCES),
+                        help="paper (default): tokenize the references as the LoRA code's "
+                             "test.txt, as the paper scored; original: the CSV text as it is")
     parser.set_defaults(func=run_score)
 
 

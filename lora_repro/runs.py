@@ -42,6 +42,8 @@ def run_config(run_dir: Path, overrides: list[str] | None = None) -> TrainConfig
     else:
         raise UserError(f"run={run_dir}: not a run directory (no {rundir.SUMMARY} or "
                         f"{rundir.CONFIG})")
+    if "references" not in saved.get("task", {}):
+        saved.task.references = "original"  # runs made before the option trained on these
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides or []))

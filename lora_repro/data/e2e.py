@@ -6,14 +6,16 @@ several consecutive rows per MR such as
 
 The LoRA code's E2E data (inherited from prefix-tuning) writes each MR as
 ``name : Alimentum | area : city centre | family friendly : no``: slot names renamed as in
-`SLOT_NAMES`, slots joined with `` | ``, values kept verbatim. References are kept verbatim
-too, so decoded text is scored against the official references unchanged.
+`SLOT_NAMES`, slots joined with `` | ``. Values and references are kept verbatim
+(``task.references=original``) or tokenized as the official files are
+(``task.references=paper``, see `lora_repro.data.references`).
 """
 
 from __future__ import annotations
 
 import csv
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 from lora_repro.data.records import Example
@@ -67,8 +69,23 @@ def linearize_mr(mr: str) -> str:
     return linearize_slots(parse_mr(mr))
 
 
-def read_e2e_csv(path: Path) -> list[Example]:
-    """Read an official E2E CSV (``mr,ref`` columns) into one `Example` per row, in order.
+def e2e_example(mr: str, ref: str, prepare: Callable[[str], str] | None = None) -> Example:
+    """One MR and reference -> an `Example`; `prepare` (e.g. a tokenizer of
+    `lora_repro.data.references`) is applied to every MR value and to the reference.
+
+    >>> e2e_example("name[Loch Fyne], priceRange[£20-25]", "Loch Fyne: £20-25.").source
+    'name : Loch Fyne | price : £20-25'
+    """
+    pairs = parse_mr(mr)
+    if prepare is not None:
+        pairs = [(slot, prepare(value)) for slot, value in pairs]
+        ref = prepare(ref)
+    return Example(linearize_slots(pairs), ref)
+
+
+def read_e2e_csv(path: Path, prepare: Callable[[str], str] | None = None) -> list[Example]:
+    """Read an official E2E CSV (``mr,ref`` columns) into one `Example` per row, in order,
+    with `prepare` applied to MR values and references (see `e2e_example`).
 
     Raises:
         UserError: when the file lacks an ``mr`` or a ``ref`` column (e.g. ``testset.csv``,
@@ -89,7 +106,7 @@ def read_e2e_csv(path: Path) -> list[Example]:
             try:
                 if not ref:
                     raise UserError(f"empty ref for MR {mr!r}")
-                examples.append(Example(linearize_mr(mr), ref))
+                examples.append(e2e_example(mr, ref, prepare))
             except UserError as err:
                 raise UserError(f"{path}, line {reader.line_num}: {err}") from None
         return examples

@@ -3,7 +3,8 @@
 All three hub repositories are script-based, and `datasets` >= 4 no longer runs dataset
 scripts, so we read the parquet export that the hub keeps on each repository's
 ``refs/convert/parquet`` branch (its config is named ``default`` for single-config repos).
-Rows are converted to the same linearized `Example`s as the local readers produce.
+Rows are converted to the same linearized `Example`s as the local readers produce, E2E text
+prepared for ``task.references`` likewise (`lora_repro.data.references`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from lora_repro.data import dart, e2e, webnlg
+from lora_repro.data import dart, e2e, references, webnlg
 from lora_repro.data.records import Example
 from lora_repro.errors import UserError
 
@@ -53,10 +54,11 @@ def _columns(value: dict | list) -> dict[str, list]:
     return {key: [item[key] for item in value] for key in (value[0] if value else {})}
 
 
-def e2e_row(row: dict) -> list[Example]:
-    """One hub E2E row (one reference) -> one `Example`, none if the reference is blank."""
+def e2e_row(row: dict, prepare: Callable[[str], str] | None = None) -> list[Example]:
+    """One hub E2E row (one reference) -> one `Example`, none if the reference is blank;
+    `prepare` applies to MR values and the reference (see `e2e.e2e_example`)."""
     ref = (row["human_reference"] or "").strip()
-    return [Example(e2e.linearize_mr(row["meaning_representation"]), ref)] if ref else []
+    return [e2e.e2e_example(row["meaning_representation"], ref, prepare)] if ref else []
 
 
 def webnlg_row(row: dict) -> list[Example]:
@@ -86,12 +88,13 @@ ROW_READERS: dict[str, Callable[[dict], list[Example]]] = {
 }
 
 
-def load_hub_split(task: str, split: str) -> list[Example]:
+def load_hub_split(task: str, split: str, refs: str = "paper") -> list[Example]:
     """Download (or read from the `datasets` cache) one split of `task` as examples.
 
     Args:
         task: ``"e2e"``, ``"webnlg"`` or ``"dart"``.
         split: ``"train"``, ``"valid"`` or ``"test"``.
+        refs: ``task.references`` (``paper`` | ``original``); only E2E text changes.
 
     Raises:
         UserError: when the hub cannot be reached (offline) or the dataset cannot be read;
@@ -111,4 +114,7 @@ def load_hub_split(task: str, split: str) -> list[Example]:
             f"cannot load task {task} from the Hugging Face hub ({src.repo}: {reason}); "
             f"to use local files set task.data_dir=<folder holding {files}>"
         ) from err
+    if task == "e2e":
+        prepare = references.text_transform(refs, split)
+        return [ex for row in rows for ex in e2e_row(row, prepare)]
     return [ex for row in rows for ex in ROW_READERS[task](row)]

@@ -11,6 +11,7 @@ Options map 1:1 to the keys of a Hydra ``task:`` config group (``conf/task/<name
     max_train_examples: null  # seeded random subsets (kept in file order) for quick runs
     max_valid_examples: null
     max_test_sources: null
+    references: paper         # e2e only: paper (tokenized as the LoRA code's files) | original
 
 `OFFLINE_E2E` is the preset used here, where no E2E train set exists: train on devset.csv
 split by MR into train/valid, test on testset_w_refs.csv. With ``data_dir: null`` the file
@@ -27,7 +28,7 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-from lora_repro.data import dart, e2e, hub, synthetic, webnlg
+from lora_repro.data import dart, e2e, hub, references, synthetic, webnlg
 from lora_repro.data.records import Example, TaskData, group_by_source
 from lora_repro.errors import UserError
 
@@ -51,7 +52,8 @@ def default_options(name: str) -> dict:
     if name == "synthetic":
         return {**SYNTHETIC_OPTIONS, **SUBSET_OPTIONS}
     files = {f"{split}_file": READERS[name][1][split] for split in SPLITS}
-    return {**files, "valid_fraction": 0.0, **SUBSET_OPTIONS}
+    refs = {"references": "paper"} if name in references.TOKENIZED_TASKS else {}
+    return {**files, "valid_fraction": 0.0, **SUBSET_OPTIONS, **refs}
 
 
 def _check_int(key: str, value, minimum: int, optional: bool = False) -> None:
@@ -76,6 +78,8 @@ def check_options(name: str, options: dict) -> dict:
         for key, minimum in (("n_train", 1), ("n_valid", 0), ("n_test", 0), ("refs_per_source", 1)):
             _check_int(key, opts[key], minimum)
         return opts
+    if "references" in opts:
+        references.check_references(opts["references"], name)
     frac = opts["valid_fraction"]
     if isinstance(frac, bool) or not isinstance(frac, int | float) or not 0 <= frac < 1:
         raise UserError(f"task.valid_fraction={frac!r}: must be a number in [0, 1)")
@@ -115,26 +119,28 @@ def subset(items: list, n: int | None, seed: int) -> list:
     return [items[i] for i in keep]
 
 
-def _read_file(name: str, data_dir: Path, key: str, file_name: str) -> list[Example]:
-    """Read one split file with the task's reader; every failure is a one-line UserError."""
+def _read_file(name: str, data_dir: Path, key: str, file_name: str,
+               prepare: Callable[[str], str] | None = None) -> list[Example]:
+    """Read one split file with the task's reader (E2E: text through `prepare`); every
+    failure is a one-line UserError."""
     reader, official = READERS[name]
     path = data_dir / file_name
     if not path.is_file():
         raise UserError(f"task.{key}: {path} not found (official {name} files: "
                         f"{', '.join(official.values())}; set task.{key} to another name)")
     try:
-        return reader(path)
+        return reader(path) if prepare is None else reader(path, prepare)
     except (UnicodeDecodeError, json.JSONDecodeError, csv.Error) as err:
         raise UserError(f"task.{key}: cannot parse {path} ({type(err).__name__}: {err})") from err
 
 
-def _hub_split(name: str, key: str, file_name: str) -> list[Example]:
+def _hub_split(name: str, key: str, file_name: str, refs: str) -> list[Example]:
     """The hub split that corresponds to an official file name."""
     by_file = {f: split for split, f in READERS[name][1].items()}
     if file_name not in by_file:
         raise UserError(f"task.{key}={file_name!r} has no hub equivalent (official names: "
                         f"{', '.join(by_file)}); set task.data_dir to read local files")
-    return hub.load_hub_split(name, by_file[file_name])
+    return hub.load_hub_split(name, by_file[file_name], refs)
 
 
 def _read_splits(name: str, data_dir: str | None, opts: dict) -> dict[str, list[Example]]:
@@ -145,14 +151,16 @@ def _read_splits(name: str, data_dir: str | None, opts: dict) -> dict[str, list[
             raise UserError(f"task.data_dir={data_dir!r}: no such directory (it should hold "
                             f"{', '.join(READERS[name][1].values())})")
     out = {}
+    refs = opts.get("references", "paper")
     for split in SPLITS:
         key = f"{split}_file"
         if opts[key] is None:
             out[split] = []
         elif data_dir is None:
-            out[split] = _hub_split(name, key, opts[key])
+            out[split] = _hub_split(name, key, opts[key], refs)
         else:
-            out[split] = _read_file(name, root, key, opts[key])
+            prepare = references.text_transform(refs, split) if "references" in opts else None
+            out[split] = _read_file(name, root, key, opts[key], prepare)
     return out
 
 
