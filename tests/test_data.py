@@ -64,7 +64,7 @@ def gpt2(shared_dir):
 def test_e2e_test_split_groups_refs_in_order_of_first_appearance(tmp_path):
     write_csv(tmp_path / "t.csv", ROWS)
     data = load_task("e2e", data_dir=str(tmp_path), train_file="t.csv", valid_file=None,
-                     test_file="t.csv")
+                     test_file="t.csv", references="original")
     assert [t.source for t in data.test] == [
         "name : Alpha | food : French", "name : Beta | area : riverside",
         "name : Gamma | family friendly : yes",
