@@ -12,7 +12,8 @@ the run's base model and adapter, merges, beam-decodes every test source into th
 re-scores an existing ``predictions.txt`` (e.g. decoded on a GPU machine without Java).
 ``--references paper`` (the default) scores against the references tokenized as the LoRA
 code's test.txt, as the paper did; ``original`` against the CSV text (the E2E challenge's
-way). The hypotheses are scored as they are. ``score run=`` uses the run's task.references.
+way). The hypotheses are scored as they are. ``score run=`` uses the run's task.references;
+``score run=DIR task.references=original`` prints the other way without touching the summary.
 Mistakes a user can fix print ``error: <message>`` on stderr and exit with status 2.
 """
 
@@ -82,13 +83,15 @@ def score_run(run_dir: Path, overrides: list[str]) -> dict:
     from lora_repro.trainer import task_data
 
     cfg = runs.run_config(run_dir, overrides)
+    check_references(cfg.task.references, cfg.task.name)
     path = run_dir / rundir.PREDICTIONS
     hyps = read_hyps(path)
     test = task_data(cfg.task).test
     if len(hyps) != len(test):
         raise UserError(f"{path} has {len(hyps)} lines, the test split {len(test)} sources")
     metrics = score(cfg.task.metrics, [list(t.references) for t in test], hyps)
-    _update_summary(run_dir, metrics)
+    if cfg.task.references == runs.run_config(run_dir).task.references:
+        _update_summary(run_dir, metrics)  # scores against other references are only printed
     return metrics
 
 

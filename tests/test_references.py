@@ -235,3 +235,24 @@ def test_tables_keep_paper_and_original_runs_apart():
     assert len(table) == 2
     paper = table.loc[("gpt2-medium", "e2e", "lora", "qv", 4, "task.references=paper")]
     assert paper[("BLEU", "mean")] == pytest.approx(0.71) and paper[("BLEU", "n")] == 2
+
+
+def test_score_run_uses_the_runs_references(tmp_path, capsys):
+    rows = [(mr, ref) for mr, ref, _ in TEST_TXT[:3]]
+    with open(tmp_path / "t.csv", "w", encoding="utf-8", newline="") as f:
+        csv.writer(f).writerows([("mr", "ref"), *rows])
+    task = replace(TaskConfig(), data_dir=str(tmp_path), train_file="t.csv", valid_file=None,
+                   test_file="t.csv")
+    summary = {"config": asdict(replace(TrainConfig(), task=task)), "metrics": {}}
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "summary.json").write_text(json.dumps(summary))
+    (run_dir / "predictions.txt").write_text(  # the tokenized references: paper BLEU 1
+        "\n".join(line.split("||")[1] for _, _, line in TEST_TXT[:3]) + "\n")
+    assert main(["score", f"run={run_dir}"]) == 0
+    paper = json.loads(capsys.readouterr().out)
+    assert paper["BLEU"] == pytest.approx(1.0)
+    assert json.loads((run_dir / "summary.json").read_text())["metrics"] == paper
+    assert main(["score", f"run={run_dir}", "task.references=original"]) == 0
+    assert json.loads(capsys.readouterr().out)["BLEU"] < 0.9
+    assert json.loads((run_dir / "summary.json").read_text())["metrics"] == paper  # kept
