@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from lora_repro.config import TrainConfig
+from lora_repro.data.references import saved_references
 from lora_repro.errors import UserError
 
 SUMMARY = "summary.json"
@@ -69,6 +70,15 @@ def identity(cfg: TrainConfig) -> dict:
     return d
 
 
+def _with_references(config: dict) -> dict:
+    """A saved config or identity with ``task.references`` filled in for runs made before
+    that option (`saved_references`)."""
+    task = config.get("task")
+    if isinstance(task, dict) and "references" not in task:
+        return {**config, "task": {**task, "references": saved_references(task)}}
+    return config
+
+
 def flat_identity(config: dict) -> dict[str, Any]:
     """A saved config (summary.json "config") as dotted keys, without NOT_IDENTITY:
     {"model": {"id": "tiny"}, "rank": 8, "logger": ...} -> {"model.id": "tiny", "rank": 8}."""
@@ -81,6 +91,7 @@ def flat_identity(config: dict) -> dict[str, Any]:
                 out[f"{prefix}{key}"] = value
         return out
 
+    config = _with_references(config)
     return flatten({k: v for k, v in config.items() if k not in _not_identity(config)}, "")
 
 
@@ -97,7 +108,7 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def check_same_run(run_dir: Path, saved: dict, cfg: TrainConfig) -> None:
     """Refuse to resume or skip a run directory that holds a run of other settings."""
-    diff = _diff(saved, identity(cfg))
+    diff = _diff(_with_references(saved), identity(cfg))
     if diff:
         raise UserError(
             f"{run_dir} holds a run with other settings ({'; '.join(diff[:3])}); "

@@ -9,11 +9,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from lora_repro import rundir
 from lora_repro.config import TrainConfig
+from lora_repro.data.references import saved_references
 from lora_repro.errors import UserError
 from lora_repro.lora import (
     adapter_factors,
@@ -42,8 +43,8 @@ def run_config(run_dir: Path, overrides: list[str] | None = None) -> TrainConfig
     else:
         raise UserError(f"run={run_dir}: not a run directory (no {rundir.SUMMARY} or "
                         f"{rundir.CONFIG})")
-    if "references" not in saved.get("task", {}):
-        saved.task.references = "original"  # runs made before the option trained on these
+    if isinstance(saved.get("task"), DictConfig) and "references" not in saved.task:
+        saved.task.references = saved_references(saved.task)  # a run made before the option
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides or []))

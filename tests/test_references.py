@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 import pytest
 
 from analysis import tables as T
-from lora_repro import runs
+from lora_repro import rundir, runs
 from lora_repro.config import TaskConfig, TrainConfig, validate
 from lora_repro.data import load_task
 from lora_repro.data.e2e import e2e_example
@@ -202,7 +202,14 @@ def test_runs_made_before_the_option_read_as_original(tmp_path):
     del config["task"]["references"]
     (tmp_path / "run_config.json").write_text(json.dumps(config))
     assert runs.run_config(tmp_path).task.references == "original"
-    config["task"]["references"] = "paper"
+    assert rundir.flat_identity(config)["task.references"] == "original"
+    old = rundir.identity(TrainConfig())
+    del old["task"]["references"]
+    rundir.check_same_run(tmp_path, old, replace(TrainConfig(), task=replace(
+        TaskConfig(), references="original")))  # resumes with the references it trained on
+    with pytest.raises(UserError, match="task.references: 'original' -> 'paper'"):
+        rundir.check_same_run(tmp_path, old, TrainConfig())
+    config["task"] |= {"name": "webnlg"}  # its only text, whatever the run's age
     (tmp_path / "run_config.json").write_text(json.dumps(config))
     assert runs.run_config(tmp_path).task.references == "paper"
 

@@ -91,6 +91,14 @@ def tokenize_train(text: str) -> str:
     return _FINAL_PERIOD.sub(" .", moses.replace(" @-@ ", " - "))
 
 
+def saved_references(task: dict) -> str:
+    """``references`` of a saved run's task config; runs made before the option have none and
+    trained on the original text (the only text of tasks outside `TOKENIZED_TASKS`)."""
+    if "references" in task:
+        return task["references"]
+    return "original" if task.get("name", "e2e") in TOKENIZED_TASKS else "paper"
+
+
 def text_transform(references: str, split: str) -> Callable[[str], str] | None:
     """The function that prepares E2E text of `split` (train | valid | test) for
     `references`; None for ``original`` (the text is kept as it is)."""
