@@ -47,10 +47,12 @@ def load(artifact: str) -> pd.DataFrame:
     return pd.read_csv(path, comment="#", dtype=str, keep_default_na=False)
 
 
-def description(artifact: str) -> str:
-    """The file's `#` header lines, joined: what the numbers are and where they come from."""
-    lines = (DIR / f"{artifact}.csv").read_text().splitlines()
-    return " ".join(line.lstrip("# ").strip() for line in lines if line.startswith("#"))
+def description(artifact: str, full: bool = False) -> str:
+    """The file's first `#` header line (what the numbers are, for which setting); `full`:
+    all of them joined (also how they were read and checked)."""
+    lines = [line.lstrip("# ").strip() for line in
+             (DIR / f"{artifact}.csv").read_text().splitlines() if line.startswith("#")]
+    return " ".join(lines if full else lines[:1])
 
 
 def _matches(row: Mapping[str, str], identity: Mapping) -> bool:

@@ -40,7 +40,6 @@ from lora_repro.rundir import read_json, write_atomic
 COMMAND = "analysis.report"
 ARXIV = "2106.09685v2"
 SECTIONS = {"tables": tables, "subspace": subspace, "amplification": amplification}
-T18_PAPER_FORMAT = tables.TABLE18_FORMAT
 
 
 @dataclass
@@ -166,7 +165,7 @@ def table_parts(runs: Sequence[Run], files: list[Path]) -> list[Part]:
             tables._grouped(lora, ("model.id", "task.name", "targets")).items()):
         if len({run.rank for run in group}) < 2:
             continue
-        t18 = compare(group, "table18", T18_PAPER_FORMAT)
+        t18 = compare(group, "table18", tables.TABLE18_FORMAT)
         stem = "_".join(filter(None, ["compare_table18", context]))
         parts.append(Part(f"table18-{n}", f"Table 18: metrics against rank {context}".strip(),
                           note=paper.description("table18"),
@@ -272,9 +271,9 @@ def build_sweep(sweep: Path | None, out: Path) -> SweepReport:
 
 
 def _with_note(result: tuple[list[Path], str], section: str) -> tuple[list[Path], str]:
+    """(files, "analysis.<section>: reused" / "computed" / "not computed: <why>")."""
     files, status = result
-    where = f"figures/…/{section}/" if status == "reused" else ""
-    return files, f"analysis.{section}: {status}{f' ({where})' if where else ''}"
+    return files, f"analysis.{section}: {status}"
 
 
 def render_html(reports: Sequence[SweepReport], seconds: float) -> str:
@@ -296,7 +295,7 @@ def render_html(reports: Sequence[SweepReport], seconds: float) -> str:
 
 def render_markdown(reports: Sequence[SweepReport], out: Path) -> str:
     """report.md: provenance, tables in Markdown, figures linked (relative to `out`)."""
-    lines = [f"# LoRA reproduction report", "",
+    lines = ["# LoRA reproduction report", "",
              f"Hu et al. 2021 (arXiv {ARXIV}); paper values from `analysis/paper/*.csv`.", ""]
     for r in reports:
         p = r.prov
