@@ -147,9 +147,10 @@ def paper_grid(runs: Sequence[Run], grid: pd.DataFrame, metric: str) -> pd.DataF
 # ---------------------------------------------------------------- the parts of a report
 
 
-def _html(table: pd.DataFrame, table_id: str, index: bool = False) -> str:
+def _html(table: pd.DataFrame, table_id: str, index: bool = False, decimals: int = 3) -> str:
+    """A table as HTML (id `table_id`), "no published value" cells greyed."""
     html = table.to_html(index=index, na_rep="–", table_id=table_id, border=0,
-                         float_format=lambda v: f"{v:.3g}")
+                         float_format=lambda v: f"{v:.{decimals}f}")
     return html.replace(f"<td>{paper.NO_VALUE}</td>", f'<td class="none">{paper.NO_VALUE}</td>')
 
 
@@ -171,17 +172,20 @@ def table_parts(runs: Sequence[Run], files: list[Path]) -> list[Part]:
                           note=paper.description("table18"),
                           tables=[_html(t18, f"compare-table18-{n}")], frames={stem: t18}))
     for path in sorted(f for f in files if f.name.startswith("grid_") and f.suffix == ".csv"):
-        grid = pd.read_csv(path, index_col=0)
-        grid.columns = [int(c) for c in grid.columns]
+        grid = pd.read_csv(path)  # index: "Weight Type" (and "Setting"), columns: ranks
+        grid = grid.set_index([c for c in grid.columns if not c.isdigit()])
+        grid.columns = pd.Index([int(c) for c in grid.columns], name="r")
         metric = path.stem.split("_")[1]
         if metric == "val":
             metric = "val_loss"
         theirs = paper_grid(lora, grid, metric)
+        decimals = tables.TABLE3_FORMAT.get(metric, (1, 2))[1]
         note = (f"No published value: the paper's targets x rank grid (Table 6) is "
                 f"{paper.settings_of('table6')}." if theirs is None else
                 "Paper values where the setting matches (Table 6, else Table 18).")
         part = Part(f"grid-{path.stem}", f"Targets x rank: {path.stem} (Tables 5-6)", note=note,
-                    tables=[_html(grid, path.stem, index=True)], frames={path.stem: grid})
+                    tables=[_html(grid, path.stem, index=True, decimals=decimals)],
+                    frames={path.stem: grid})
         if theirs is not None:
             part.tables.append(_html(theirs, f"{path.stem}-paper", index=True))
         parts.append(part)

@@ -84,6 +84,24 @@ def test_compare_puts_ours_beside_the_paper_and_says_when_there_is_none(tmp_path
     assert standin["Ours"].tolist() == ["38.6", "–"]  # one seed: no std; no val_loss: "–"
 
 
+def test_paper_grid_fills_the_cells_the_paper_has(tmp_path):
+    runs = [fake_run(tmp_path, f"r{r}", {"rank": r}, {"BLEU": 0.7}) for r in (4, 8)]
+    grid = tables.targets_rank_grid([run.summary for run in runs])
+    cells = report.paper_grid(runs, grid, "BLEU")
+    assert cells.loc["Wq, Wv"].tolist() == ["70.38 (Table 18)", "69.57 (Table 18)"]
+    standin = [fake_run(tmp_path, "s", {"model": {"id": "standin"}}, {"BLEU": 0.4})]
+    assert report.paper_grid(standin, grid, "BLEU") is None
+
+
+def test_report_is_logged_to_the_sweeps_wandb_group_offline(tmp_path):
+    sweep, html = tmp_path / "runs" / "sw", tmp_path / "report.html"
+    sweep.mkdir(parents=True)
+    html.write_text("<html><body>report</body></html>")
+    report.log_report("offline", [sweep], [html])
+    (run,) = (sweep / "wandb").glob("offline-run-*")
+    assert list(run.glob("*.wandb")) and list(run.glob("files/media/html/report_*.html"))
+
+
 # ---------------------------------------------------------------- the report
 
 
