@@ -9,12 +9,12 @@ command's results are reused when its manifest lists the same runs, unchanged, a
 default options), then writes `<out>/report.html` (figures embedded as PNG, no external
 resources, print CSS for PDF), `<out>/report.md` and the comparison tables as LaTeX
 (`<out>/compare_*.tex`). With several sweeps the report goes to `--out` (default
-`figures/report`). Tables show ours (mean±std over seeds, n) beside the paper's value and the
-difference, or "no published value" where the paper has none for the setting
-(`analysis/paper/*.csv`). Provenance (jobs complete / failed / missing, model, base
-fingerprint, data, commit, device, versions, compute time, W&B group) heads each sweep. With
-W&B on, the report is logged to the sweep's W&B group as an artifact. `--screenshot` renders
-the report's first screen with headless Chromium.
+`figures/report`), each sweep's files to `<out>/<sweep>/`. Tables show ours (mean±std over
+seeds, n) beside the paper's value and the difference, or "no published value" where the
+paper has none for the setting (`analysis/paper/*.csv`). Provenance (jobs complete / failed
+/ missing, model, base fingerprint, data, commit, device, versions, compute time, W&B group)
+heads each sweep. With W&B on, the report is logged to the sweep's W&B group as an artifact.
+`--screenshot` renders the report's first screen with headless Chromium.
 """
 
 from __future__ import annotations
@@ -332,11 +332,11 @@ def write_report(reports: Sequence[SweepReport], out: Path, seconds: float) -> l
     write_atomic(md, render_markdown(reports, out))
     files = [html, md]
     for r in reports:
-        prefix = f"{r.name}_" if len(reports) > 1 else ""
+        where = out / r.name if len(reports) > 1 else out  # beside the sweep's own files
         for part in r.parts:
             for stem, frame in part.frames.items():
                 if stem.startswith("compare_"):
-                    files.append(tables.write_table(frame, out / f"{prefix}{stem}.tex"))
+                    files.append(tables.write_table(frame, where / f"{stem}.tex"))
     return files
 
 
