@@ -2,19 +2,19 @@
 Appendix H.3-H.4).
 
     python -m analysis.amplification [SWEEP] [--layers 1,8,16,24] [--matrices q]
-        [--out figures/] [--wandb offline]
+        [--out figures/<sweep>/amplification] [--wandb offline]
 
 Takes the run with the lowest seed of each configuration (seeds are not averaged: every
 number comes from one adapter, named in the column). A LoRA run of rank r gives one column
 at r; a full fine-tuning run (dW = W_ft - W_0) one column at each LoRA rank found. W is the
 frozen W_0 of the runs' base model (loaded once per distinct base). Writes, per matrix:
 
-- ``table7_<sweep>_<m>.{md,tex,csv}``: for each chosen layer, ||U^T W V^T||_F with U, V the
+- ``table7_<m>.{md,tex,csv}``: for each chosen layer, ||U^T W V^T||_F with U, V the
   top-r singular directions of dW, of W and of a random matrix, ||W||_F, ||dW||_F and the
   amplification factor ||dW||_F / ||U^T W V^T||_F (U, V of dW);
-- ``amplification_<sweep>_<m>.{png,pdf,csv}``: the amplification factor against the LoRA
+- ``amplification_<m>.{png,pdf,csv}``: the amplification factor against the LoRA
   rank, one line per layer (every layer of the model);
-- ``weight_similarity_<sweep>_<m>_layer<L>.{png,pdf,csv}`` (Figure 8): phi(W, dW, k, r),
+- ``weight_similarity_<m>_layer<L>.{png,pdf,csv}`` (Figure 8): phi(W, dW, k, r),
   how much of dW's r directions lie in W's top-k right-singular directions, per run, each
   with its own random expectation max(k, r) / d_in (dashed, in the curve's colour).
 
@@ -201,19 +201,19 @@ def write_outputs(sources, updates, base, letters, layers, n_layer, out, sweep) 
     files = []
     for m in letters:
         table = table7(sources, updates, base, layers, m)
-        stem = out / f"table7_{sweep}_{m}"
+        stem = out / f"table7_{m}"
         files += [tables.write_table(table, stem.with_suffix(s), decimals=2)
                   for s in (".md", ".tex", ".csv")]
         print(f"Table 7, W{m} ({sweep}):\n{stem.with_suffix('.md').read_text()}")
         for context, (ranks, lines) in amplification_curves(sources, updates, base, n_layer,
                                                             m).items():
-            name = "_".join(filter(None, ["amplification", sweep, m, context]))
+            name = "_".join(filter(None, ["amplification", m, context]))
             files += plots.plot_amplification(ranks, lines, out / name.replace(", ", "_"),
                                               title=f"How much ΔW{m} amplifies W{m}")
         for layer in cli.progress(layers, f"Figure 8, W{m}"):
             ks, curves, baselines = weight_similarity(sources, updates, base, layer, m)
             files += plots.plot_weight_similarity(
-                ks, curves, out / f"weight_similarity_{sweep}_{m}_layer{layer + 1}", baselines,
+                ks, curves, out / f"weight_similarity_{m}_layer{layer + 1}", baselines,
                 title=f"φ(W{m}, ΔW{m}): W{m}'s top-k directions vs ΔW{m}'s, layer {layer + 1}")
     return files
 
@@ -236,9 +236,9 @@ def run(args: argparse.Namespace) -> int:
     base = BaseWeights(letters)
     for source in cli.progress(sources, "base models"):
         base(source.run)
-    files = write_outputs(sources, updates, base, letters, layers, n_layer, args.out,
-                          sweep.name)
-    return cli.finish(args, COMMAND, sweep, files)
+    files = write_outputs(sources, updates, base, letters, layers, n_layer,
+                          cli.out_dir(args, sweep, "amplification"), sweep.name)
+    return cli.finish(args, COMMAND, sweep, files, runs)
 
 
 def build_parser() -> argparse.ArgumentParser:

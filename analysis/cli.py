@@ -1,7 +1,9 @@
 """What the analysis commands share: arguments, layer and matrix choices, W&B, exit codes.
 
 Every command reads `[SWEEP]` (default: the newest sweep under `runs/`), writes figures and
-tables into `--out` (default `figures/`), and logs them to W&B under the sweep directory when
+tables into `--out` (default `figures/<sweep>/<section>/`, so two sweeps never mix their
+files), records what it wrote in `<out>/.<command>.json` (read by `analysis.report` to reuse
+results newer than the runs), and logs them to W&B under the sweep directory when
 `--wandb` (or the environment's WANDB_MODE) names a mode other than "disabled". A mistake a
 user can fix prints ``error: <message>`` on stderr and the command exits with status 2.
 """
@@ -23,14 +25,15 @@ WANDB_MODES = ("online", "offline", "disabled")
 PROJECT = "lora-repro"
 
 
-def base_parser(prog: str, doc: str) -> argparse.ArgumentParser:
-    """A parser with the arguments every analysis command takes: SWEEP, --out, --wandb."""
+def base_parser(prog: str, doc: str, sweeps: str = "?") -> argparse.ArgumentParser:
+    """A parser with the arguments every analysis command takes: SWEEP, --out, --wandb.
+    sweeps: SWEEP's nargs ("*" for commands that take several)."""
     parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("sweep", nargs="?", type=Path,
+    parser.add_argument("sweep", nargs=sweeps, type=Path,
                         help="sweep directory holding job dirs (default: the newest under runs/)")
-    parser.add_argument("--out", type=Path, default=Path("figures"),
-                        help="where figures and tables go (default: figures/)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where figures and tables go (default: figures/<sweep>/<section>/)")
     parser.add_argument("--wandb", choices=WANDB_MODES, default=None,
                         help="log figures and tables to W&B (default: $WANDB_MODE, else disabled)")
     return parser
@@ -161,9 +164,49 @@ def log_to_wandb(mode: str, command: str, sweep: Path, files: Sequence[Path],
         run.finish()
 
 
-def finish(args: argparse.Namespace, command: str, sweep: Path, files: Sequence[Path]) -> int:
-    """Log the written files to W&B, print where they went; the command's exit status 0."""
+# ---------------------------------------------------------------- output
+
+
+FIGURES = Path("figures")
+
+
+def out_dir(args: argparse.Namespace, sweep: Path, section: str) -> Path:
+    """`--out`, else figures/<sweep name>/<section> (section: "subspace", "tables", ...);
+    stored back into `args.out`."""
+    if args.out is None:
+        args.out = FIGURES / Path(sweep).name / section
+    return args.out
+
+
+def manifest_path(out: Path, command: str) -> Path:
+    """Where a command records what it wrote: <out>/.<command>.json."""
+    return Path(out) / f".{command}.json"
+
+
+def run_stamps(runs: Iterable) -> dict[str, int]:
+    """Job dir -> mtime (ns) of its summary.json: a manifest is stale when these change."""
+    return {str(run.path.resolve()): (run.path / "summary.json").stat().st_mtime_ns
+            for run in runs}
+
+
+def write_manifest(out: Path, command: str, runs: Iterable, files: Sequence[Path],
+                   options: dict) -> Path:
+    """Record the runs (and their summaries' mtimes), options and files of one command."""
+    from lora_repro.rundir import write_json
+
+    path = manifest_path(out, command)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"command": command, "runs": run_stamps(runs), "options": options,
+                      "files": sorted({str(Path(f).relative_to(out)) for f in files})})
+    return path
+
+
+def finish(args: argparse.Namespace, command: str, sweep: Path, files: Sequence[Path],
+           runs: Iterable = ()) -> int:
+    """Record the files in the manifest, log them to W&B, print where they went; status 0."""
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    options = {k: v for k, v in config.items() if k not in ("sweep", "out", "wandb")}
+    write_manifest(args.out, command, runs, files, options)
     log_to_wandb(wandb_mode(args.wandb), command, sweep, files, config)
     print(f"wrote {len(files)} files to {args.out}/", file=sys.stderr)
     return 0

@@ -1,7 +1,8 @@
 """Subspace similarity between LoRA runs: Figures 3, 4, 6 and 7 of Hu et al. 2021.
 
     python -m analysis.subspace [SWEEP] [--layers 1,8,16,24] [--matrices q,v]
-        [--ranks 8,64] [--seeds 1,2] [--zoom 8] [--out figures/] [--wandb offline]
+        [--ranks 8,64] [--seeds 1,2] [--zoom 8] [--out figures/<sweep>/subspace]
+        [--wandb offline]
 
 Pairs complete LoRA runs that differ only in rank (default: r = 8 against r = 64 as in the
 paper where a group has both, else its smallest against its largest rank) and runs that
@@ -14,10 +15,10 @@ right-singular vectors of the two A matrices (one SVD per matrix), and:
 - a seed pair gives Figure 4 per layer (beside a random Gaussian pair of the same shapes)
   and Figure 7 per matrix.
 
-Files: ``<out>/subspace_<pair>_<sweep>_layer<L>.{png,pdf}`` (L 1-based) and
-``<out>/subspace_<pair>_<sweep>_layers_<matrix>.{png,pdf}``, with a CSV per grid beside them.
-Prints phi(A_small, A_large, 1, 1) per layer and matrix, and the mean phi over the top-left
-zoom x zoom block of each seed pair against the random pair.
+Files: ``<out>/<pair>_layer<L>.{png,pdf}`` (L 1-based) and ``<out>/<pair>_layers_<matrix>
+.{png,pdf}``, with a CSV per grid beside them. Prints (and writes as ``phi_top`` and
+``phi_seed_block`` .md, .csv) phi(A_small, A_large, 1, 1) per layer and matrix, and the mean
+phi over the top-left zoom x zoom block of each seed pair against the random pair.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 import pandas as pd
 import torch
 
-from analysis import cli, linalg, plots
+from analysis import cli, linalg, plots, tables
 from analysis.runs import (
     Run,
     groups_differing_in,
@@ -165,7 +166,7 @@ def _random_grid(r1: int, r2: int, d_in: int) -> torch.Tensor:
 
 
 def write_figures(pairs: Sequence[Pair], grids: dict, layers: Sequence[int], letters: str,
-                  factors: dict, out, sweep: str, zoom: int) -> list:
+                  factors: dict, out, zoom: int) -> list:
     """Figures 3/4 per pair and layer, Figures 6/7 per pair and matrix; the paths written."""
     files = []
     jobs = [(n, layer) for n in range(len(pairs)) for layer in layers]
@@ -173,7 +174,7 @@ def write_figures(pairs: Sequence[Pair], grids: dict, layers: Sequence[int], let
         pair = pairs[n]
         panels = {f"{cli.matrix_title(m)}, layer {layer + 1}": grids[(n, layer, m)]
                   for m in letters}
-        path = out / f"subspace_{pair.name}_{sweep}_layer{layer + 1}"
+        path = out / f"{pair.name}_layer{layer + 1}"
         if pair.kind == "rank":
             files += plots.plot_rank_similarity(panels, path, zoom=zoom)
         else:
@@ -182,7 +183,7 @@ def write_figures(pairs: Sequence[Pair], grids: dict, layers: Sequence[int], let
     for n, pair in enumerate(pairs):
         for m in letters:
             across = {cli.matrix_title(m): {layer: grids[(n, layer, m)] for layer in layers}}
-            path = out / f"subspace_{pair.name}_{sweep}_layers_{m}"
+            path = out / f"{pair.name}_layers_{m}"
             files += plots.plot_layer_similarity(across, path)
     return files
 
@@ -236,10 +237,15 @@ def run(args: argparse.Namespace) -> int:
     factors, n_layer = read_factors(pairs)
     layers = cli.parse_layers(args.layers, n_layer)
     grids = similarity_grids(pairs, layers, letters, factors)
-    files = write_figures(pairs, grids, layers, letters, factors, args.out, sweep.name,
-                          args.zoom)
-    print_summary(*summary_tables(pairs, grids, layers, letters, factors, args.zoom), args.zoom)
-    return cli.finish(args, COMMAND, sweep, files)
+    out = cli.out_dir(args, sweep, "subspace")
+    files = write_figures(pairs, grids, layers, letters, factors, out, args.zoom)
+    top, block = summary_tables(pairs, grids, layers, letters, factors, args.zoom)
+    for stem, table in (("phi_top", top), ("phi_seed_block", block)):
+        if not table.empty:
+            files += [tables.write_table(table, out / f"{stem}{suffix}", decimals=3)
+                      for suffix in (".md", ".csv")]
+    print_summary(top, block, args.zoom)
+    return cli.finish(args, COMMAND, sweep, files, runs)
 
 
 def build_parser() -> argparse.ArgumentParser:

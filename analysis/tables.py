@@ -299,12 +299,12 @@ def write_table(table: pd.DataFrame, path: str | Path, decimals: int = 1) -> Pat
 COMMAND = "analysis.tables"
 COMMAND_DOC = """Result tables of a sweep's complete runs (Hu et al. 2021, Tables 3, 5-6, 18).
 
-    python -m analysis.tables [SWEEP] [--metric BLEU|val_loss|...] [--out figures/]
-        [--wandb offline]
+    python -m analysis.tables [SWEEP] [--metric BLEU|val_loss|...]
+        [--out figures/<sweep>/tables] [--wandb offline]
 
 Writes Table 3 (all runs; a "Val Loss" column beside the paper's metrics), Table 18 (LoRA
 runs, one per model, task and targets) and the targets x rank grid of --metric (one per model
-and task) as table3_<sweep>, table18_<sweep>, grid_<metric>_<sweep> .md, .tex and .csv in
+and task) as table3, table18, grid_<metric> (plus what else varies) .md, .tex and .csv in
 --out, and prints the Markdown. Seeds of one configuration are averaged (mean±std).
 """
 TABLE3_COMMAND_FORMAT = {**TABLE3_FORMAT, "val_loss": (1, 2)}
@@ -331,17 +331,17 @@ def _grouped(runs, keys: Sequence[str]) -> dict[str, list]:
     return groups
 
 
-def command_tables(runs, sweep: str, metric: str) -> dict[str, pd.DataFrame]:
+def command_tables(runs, metric: str) -> dict[str, pd.DataFrame]:
     """File stem -> table: Table 3 of all runs; Table 18 and the targets x rank grid of the
     LoRA runs, one per model, task (and targets, for Table 18)."""
     summaries = [run.summary | {"run_dir": str(run.path)} for run in runs]
-    out = {f"table3_{sweep}": table3(summaries, TABLE3_COMMAND_FORMAT)}
+    out = {"table3": table3(summaries, TABLE3_COMMAND_FORMAT)}
     lora = [run for run in runs if run.method == "lora"]
     for context, group in _grouped(lora, ("model.id", "task.name", "targets")).items():
-        name = "_".join(filter(None, ["table18", sweep, context]))
+        name = "_".join(filter(None, ["table18", context]))
         out[name] = table18([run.summary for run in group])
     for context, group in _grouped(lora, ("model.id", "task.name")).items():
-        name = "_".join(filter(None, ["grid", metric, sweep, context]))
+        name = "_".join(filter(None, ["grid", metric, context]))
         out[name] = targets_rank_grid([run.summary for run in group], metric)
     return out
 
@@ -354,23 +354,29 @@ def run_command(args) -> int:
     sweep, runs = load_runs(args.sweep)
     metric = choose_metric([run.summary for run in runs], args.metric)
     decimals = TABLE3_FORMAT.get(metric, (1, 2))[1]
-    files = []
-    for stem, table in command_tables(runs, sweep.name, metric).items():
+    files, out = [], cli.out_dir(args, sweep, "tables")
+    for stem, table in command_tables(runs, metric).items():
         digits = decimals if stem.startswith("grid_") else 1
-        files += [write_table(table, args.out / f"{stem}{suffix}", digits)
+        files += [write_table(table, out / f"{stem}{suffix}", digits)
                   for suffix in (".md", ".tex", ".csv")]
-        print(f"{stem}:\n{(args.out / f'{stem}.md').read_text()}")
-    return cli.finish(args, COMMAND, sweep, files)
+        print(f"{stem}:\n{(out / f'{stem}.md').read_text()}")
+    return cli.finish(args, COMMAND, sweep, files, runs)
+
+
+def build_parser():
+    from analysis import cli
+
+    parser = cli.base_parser(COMMAND, COMMAND_DOC)
+    parser.add_argument("--metric", help="the grid's metric, e.g. BLEU or val_loss "
+                        "(default: BLEU if a run has it, else val_loss)")
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m analysis.tables`: 0 on success, 2 with one `error:` line otherwise."""
     from analysis import cli
 
-    parser = cli.base_parser(COMMAND, COMMAND_DOC)
-    parser.add_argument("--metric", help="the grid's metric, e.g. BLEU or val_loss "
-                        "(default: BLEU if a run has it, else val_loss)")
-    return cli.run_main(run_command, parser, argv)
+    return cli.run_main(run_command, build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -64,26 +64,26 @@ def test_subspace_writes_figures_whose_grids_equal_linalg(sweep, tmp_path, capsy
     assert len(warned) == 1 and "r8-qv-s3" in warned[0] and "incomplete" in warned[0]
     jobs = sweep["dir"]
     for layer in (1, 2):  # the tiny model's two layers: the default first ... last
-        for stem in (f"r8_vs_r64_s1_sweep_layer{layer}", f"r64_s1_vs_s2_sweep_layer{layer}"):
+        for stem in (f"r8_vs_r64_s1_layer{layer}", f"r64_s1_vs_s2_layer{layer}"):
             for suffix in (".png", ".pdf"):
-                assert (tmp_path / f"subspace_{stem}{suffix}").stat().st_size > 0
+                assert (tmp_path / f"{stem}{suffix}").stat().st_size > 0
     for letter in "qv":
-        assert (tmp_path / f"subspace_r8_vs_r64_s2_sweep_layers_{letter}.png").is_file()
-        assert (tmp_path / f"subspace_r8_s1_vs_s2_sweep_layers_{letter}.png").is_file()
+        assert (tmp_path / f"r8_vs_r64_s2_layers_{letter}.png").is_file()
+        assert (tmp_path / f"r8_s1_vs_s2_layers_{letter}.png").is_file()
 
-    rank_grid = read_grid(tmp_path / "subspace_r8_vs_r64_s1_sweep_layer2_dWv_layer_2.csv")
+    rank_grid = read_grid(tmp_path / "r8_vs_r64_s1_layer2_dWv_layer_2.csv")
     expected = linalg.subspace_similarity_grid(a_matrix(jobs / "r8-qv-s1", 1, "v"),
                                                a_matrix(jobs / "r64-qv-s1", 1, "v"))
     assert rank_grid.shape == (8, 64)
     torch.testing.assert_close(rank_grid, expected, rtol=0, atol=1e-12)
-    seed_grid = read_grid(tmp_path / "subspace_r64_s1_vs_s2_sweep_layer1_dWq_layer_1.csv")
+    seed_grid = read_grid(tmp_path / "r64_s1_vs_s2_layer1_dWq_layer_1.csv")
     expected = linalg.subspace_similarity_grid(a_matrix(jobs / "r64-qv-s1", 0, "q"),
                                                a_matrix(jobs / "r64-qv-s2", 0, "q"))
     torch.testing.assert_close(seed_grid, expected, rtol=0, atol=1e-12)
-    random_grid = read_grid(tmp_path / "subspace_r64_s1_vs_s2_sweep_layer1_Random_Gaussian.csv")
+    random_grid = read_grid(tmp_path / "r64_s1_vs_s2_layer1_Random_Gaussian.csv")
     for grid in (rank_grid, seed_grid, random_grid):
         assert grid.min() >= 0 and grid.max() <= 1 + 1e-12
-    across = read_grid(tmp_path / "subspace_r8_vs_r64_s1_sweep_layers_v_dWv_layer_2.csv")
+    across = read_grid(tmp_path / "r8_vs_r64_s1_layers_v_dWv_layer_2.csv")
     torch.testing.assert_close(across, rank_grid)
 
     # The summary prints phi(A_8, A_64, 1, 1) per layer and matrix (first row: layer 1).
@@ -102,9 +102,8 @@ def test_subspace_options_pick_layers_matrices_and_pairs(sweep, tmp_path, capsys
             "--ranks", "8,64", "--seeds", "1,2"]
     assert subspace.main(args) == 0
     names = {p.name for p in (tmp_path / "figs").iterdir()}
-    assert {"subspace_r8_vs_r64_part_layer2.png", "subspace_s1_vs_s2_part_layer2.png",
-            "subspace_r8_vs_r64_part_layers_v.png", "subspace_s1_vs_s2_part_layers_v.png",
-            } <= names
+    assert {"r8_vs_r64_layer2.png", "s1_vs_s2_layer2.png", "r8_vs_r64_layers_v.png",
+            "s1_vs_s2_layers_v.png", "phi_top.csv", "phi_seed_block.csv"} <= names
     assert not any("layer1" in n or "_q" in n or "dWq" in n for n in names)
     out = capsys.readouterr().out
     expected = linalg.subspace_similarity(a_matrix(part / "r8-qv-s1", 1, "v"),
@@ -121,12 +120,11 @@ def test_amplification_table7_matches_linalg(sweep, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Table 7, Wq" in out
     for suffix in (".md", ".tex", ".csv"):
-        assert (tmp_path / f"table7_sweep_q{suffix}").is_file()
-    for stem in ("amplification_sweep_q", "weight_similarity_sweep_q_layer1",
-                 "weight_similarity_sweep_q_layer2"):
+        assert (tmp_path / f"table7_q{suffix}").is_file()
+    for stem in ("amplification_q", "weight_similarity_q_layer1", "weight_similarity_q_layer2"):
         assert {p.suffix for p in tmp_path.glob(f"{stem}.*")} == {".png", ".pdf", ".csv"}
 
-    table = pd.read_csv(tmp_path / "table7_sweep_q.csv", index_col=[0, 1])
+    table = pd.read_csv(tmp_path / "table7_q.csv", index_col=[0, 1])
     assert list(table.columns) == ["r = 8", "r = 64", "FT, r = 8", "FT, r = 64"]
     W = base_weights(base_model(sweep["dir"] / "r8-qv-s1"), targets="q")[(1, "q")]
     tensors, meta = read_adapter(sweep["dir"] / "r64-qv-s1" / rundir.ADAPTER)
@@ -148,7 +146,7 @@ def test_amplification_table7_matches_linalg(sweep, tmp_path, capsys):
     dW_q = (tuned.attn.c_attn.weight - base.attn.c_attn.weight)[:, :d].T.detach()
     assert full[4] == pytest.approx(float(torch.linalg.matrix_norm(dW_q.double())), rel=1e-5)
     assert full[4] > 0
-    curves = pd.read_csv(tmp_path / "weight_similarity_sweep_q_layer1.csv", index_col=0)
+    curves = pd.read_csv(tmp_path / "weight_similarity_q_layer1.csv", index_col=0)
     assert list(curves.index) == [1, 2, 4, 8, 16, 32, 64, 128]
     assert list(curves.columns) == ["r = 8", "r = 64", "FT, r = 64", "random, r = 8",
                                     "random, r = 64", "random, FT, r = 64"]
@@ -157,7 +155,7 @@ def test_amplification_table7_matches_linalg(sweep, tmp_path, capsys):
     for label, r in (("r = 8", 8), ("r = 64", 64), ("FT, r = 64", 64)):  # max(k, r) / d_in
         expected = [max(k, r) / 128 for k in curves.index]
         assert list(curves[f"random, {label}"]) == pytest.approx(expected, rel=1e-12)
-    factors = pd.read_csv(tmp_path / "amplification_sweep_q.csv", index_col=0)
+    factors = pd.read_csv(tmp_path / "amplification_q.csv", index_col=0)
     assert list(factors.index) == [8, 64] and list(factors.columns) == ["layer 1", "layer 2"]
     assert factors.loc[64, "layer 2"] == pytest.approx(column[5])
 
@@ -185,25 +183,25 @@ def test_weight_similarity_gives_each_rank_its_own_random_baseline():
 
 
 def test_tables_default_sweep_out_and_bleu_grid(sweep, monkeypatch, capsys):
-    monkeypatch.chdir(sweep["root"])  # the newest sweep under runs/, written to figures/
+    monkeypatch.chdir(sweep["root"])  # the newest sweep under runs/, into figures/sweep/tables
     assert tables.main([]) == 0
     out = capsys.readouterr().out
-    figures = sweep["root"] / "figures"
-    for stem in ("table3_sweep", "table18_sweep", "grid_BLEU_sweep"):
+    figures = sweep["root"] / "figures" / "sweep" / "tables"
+    for stem in ("table3", "table18", "grid_BLEU"):
         for suffix in (".md", ".tex", ".csv"):
             assert (figures / f"{stem}{suffix}").is_file()
         assert (figures / f"{stem}.md").read_text() in out
     bleu = rundir.read_json(sweep["dir"] / "r8-qv-s1" / rundir.SUMMARY)["metrics"]["BLEU"]
-    grid = pd.read_csv(figures / "grid_BLEU_sweep.csv", index_col=0)
+    grid = pd.read_csv(figures / "grid_BLEU.csv", index_col=0)
     assert grid.loc["Wq, Wv", "8"] == pytest.approx(100 * bleu)
     assert pd.isna(grid.loc["Wq, Wv", "64"])  # no r=64 run decoded the test set
-    table3 = pd.read_csv(figures / "table3_sweep.csv")
+    table3 = pd.read_csv(figures / "table3.csv")
     assert set(table3["Model & Method"]) == {"tiny (LoRA)", "tiny (FT)"}
 
 
 def test_tables_metric_option(sweep, tmp_path, capsys):
     assert tables.main([str(sweep["dir"]), "--out", str(tmp_path), "--metric", "val_loss"]) == 0
-    grid = pd.read_csv(tmp_path / "grid_val_loss_sweep.csv", index_col=0)
+    grid = pd.read_csv(tmp_path / "grid_val_loss.csv", index_col=0)
     losses = [rundir.read_json(sweep["dir"] / f"r64-qv-s{s}" / rundir.SUMMARY)["metrics"]
               ["val_loss"] for s in (1, 2)]
     assert grid.loc["Wq, Wv", "64"] == pytest.approx(sum(losses) / 2)
@@ -214,7 +212,7 @@ def test_wandb_offline_logs_one_analysis_run_under_the_sweep(sweep, tmp_path):
     assert tables.main([str(sweep["dir"]), "--out", str(tmp_path), "--wandb", "offline"]) == 0
     runs = sorted(set((sweep["dir"] / "wandb").glob("offline-run-*")) - before)
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-    logged = {p.name.split("_sweep")[0] for p in runs[0].glob("files/media/table/*.json")}
+    logged = {p.name.rsplit("_", 2)[0] for p in runs[0].glob("files/media/table/*.json")}
     assert logged == {"table3", "table18", "grid_BLEU"}
 
 
