@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -95,10 +96,11 @@ def read_origin(path: str | os.PathLike) -> dict | None:
 
 
 def write_peft(out_dir: str | os.PathLike, factors, meta: dict[str, str], base: str,
-               origin: dict | None = None) -> Path:
+               origin: dict | None = None, copy: Sequence[Path] = ()) -> Path:
     """Write a lora-repro adapter (factors and metadata as `read_adapter` gives them) as a
-    peft adapter directory naming `base` as its base model. Written to a temporary
-    directory and renamed, so `out_dir` is either complete or absent."""
+    peft adapter directory naming `base` as its base model, with `origin` as lora_repro.json
+    and the directories `copy` inside (a run's task-trained tokenizer). Written to a
+    temporary directory and renamed, so `out_dir` is either complete or absent."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} exists and is not empty; give a new directory")
@@ -111,6 +113,8 @@ def write_peft(out_dir: str | os.PathLike, factors, meta: dict[str, str], base: 
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     if origin is not None:
         (tmp / ORIGIN).write_text(json.dumps(origin, indent=2, sort_keys=True) + "\n")
+    for directory in copy:
+        shutil.copytree(directory, tmp / Path(directory).name)
     if out_dir.exists():
         out_dir.rmdir()
     os.replace(tmp, out_dir)
