@@ -130,6 +130,19 @@ def test_peft_trained_adapter_imports_with_peft_delta_weights(base_dir, tmp_path
     assert (meta["rank"], meta["targets"], meta["structure"]) == ("4", "qkv", "svd")
     assert seed_from_name("peft-s3") == 3 and seed_from_name("my_adapter") is None
 
+    # two copies named as seeds 3 and 4: a seed pair of the analysis, on the base they name
+    for seed in (3, 4):
+        shutil.copytree(tmp_path / "peft-s3", tmp_path / "sweep" / f"peft-s{seed}")
+    figs = tmp_path / "figs"
+    assert subspace.main([str(tmp_path / "sweep"), "--out", str(figs), "--layers", "1",
+                          "--matrices", "k"]) == 0
+    grid = pd.read_csv(figs / "subspace_s3_vs_s4_sweep_layer1_dWk_layer_1.csv", index_col=0)
+    assert abs(grid.to_numpy().diagonal() - 1).max() < 1e-9
+    assert amplification.main([str(tmp_path / "sweep"), "--out", str(figs), "--layers", "1",
+                               "--matrices", "k"]) == 0
+    column = pd.read_csv(figs / "table7_sweep_k.csv", index_col=[0, 1])["r = 4"].to_numpy()
+    assert column[4] == pytest.approx(float(dw[(0, "k")].norm()), rel=1e-5)  # ||dW_k||_F
+
 
 def one_line_error(fn, *match):
     with pytest.raises(UserError) as info:
