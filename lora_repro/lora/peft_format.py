@@ -122,9 +122,9 @@ def _pattern(patterns: dict, name: str, default):
     return default
 
 
-def _scaling(config: dict, module: str, r: int) -> float:
-    """alpha / r of one module (alpha / sqrt(r) with rsLoRA)."""
-    alpha = _pattern(config.get("alpha_pattern"), f"transformer.h.0.{module}",
+def _scaling(config: dict, layer: int, module: str, r: int) -> float:
+    """alpha / r of one module of one layer (alpha / sqrt(r) with rsLoRA)."""
+    alpha = _pattern(config.get("alpha_pattern"), f"transformer.h.{layer}.{module}",
                      config.get("lora_alpha", 8))
     return alpha / (math.sqrt(r) if config.get("use_rslora") else r)
 
@@ -213,42 +213,46 @@ def from_peft(tensors: dict[str, torch.Tensor], config: dict, where: str
     factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
     structure = "per-matrix"
     for module, layers in modules.items():
-        scale = _scaling(config, module, layers[0][0].shape[0])
         if module != FUSED:
             letter = next(t.letter for t in TARGETS.values() if t.module == module)
-            factors |= {(i, letter): (a, b, scale) for i, (a, b) in layers.items()}
+            factors |= {(i, letter): (a, b, _scaling(config, i, module, a.shape[0]))
+                        for i, (a, b) in layers.items()}
             continue
         d = layers[0][1].shape[0] // 3
         cols = block_layout([b for _, b in layers.values()])
         structure = "per-matrix" if cols else "svd"
         for i, (a, b) in layers.items():
+            scale = _scaling(config, i, module, a.shape[0])
             for s, letter in enumerate("qkv"):
                 rows = slice(s * d, (s + 1) * d)
                 if cols is None:
                     factors[(i, letter)] = (*svd_factors(scale * b[rows], a), 1.0)
                 elif s in cols:
                     factors[(i, letter)] = (a[cols[s]], b[rows][:, cols[s]], scale)
-    ranks = {letter: a.shape[0] for (_, letter), (a, _, _) in factors.items()}
+    ranks = {f"h.{i}.{m}": a.shape[0] for (i, m), (a, _, _) in sorted(factors.items())}
     if len(set(ranks.values())) > 1:
-        raise UserError(f"{where}: per-matrix ranks {dict(sorted(ranks.items()))} differ; a "
-                        "lora-repro adapter has one rank")
+        by_rank = {r: k for k, r in ranks.items()}  # one matrix per rank
+        shown = ", ".join(f"{k} has {r}" for r, k in sorted(by_rank.items()))
+        raise UserError(f"{where}: matrices have different ranks ({shown}); a lora-repro "
+                        "adapter has one rank")
     rank = next(iter(ranks.values()))
+    letters = {m for _, m in factors}
     scaling = max(scale for *_, scale in factors.values())  # fold the others into B
     out = {}
     for (i, letter), (a, b, scale) in sorted(factors.items()):
         out[f"h.{i}.{letter}.lora_A"] = a.float().contiguous()
         out[f"h.{i}.{letter}.lora_B"] = (b.float() * (scale / scaling)).contiguous()
-    return out, _meta(modules, ranks, rank, scaling, config, structure)
+    return out, _meta(modules, letters, rank, scaling, config, structure)
 
 
-def _meta(modules: dict, ranks: dict, rank: int, scaling: float, config: dict,
+def _meta(modules: dict, letters: set[str], rank: int, scaling: float, config: dict,
           structure: str) -> dict[str, str]:
     """The metadata `lora_repro.lora.adapter.read_adapter` returns, from the parsed modules."""
     n_layer = len(next(iter(modules.values())))
     # d_model: the input width of every module but the MLP's down-projection (its output)
     module, (a, b) = next((m, layers[0]) for m, layers in modules.items())
     n_embd = b.shape[0] if module == "mlp.c_proj" else a.shape[1]
-    meta = {"format": FORMAT, "targets": parse_targets("".join(ranks)),
+    meta = {"format": FORMAT, "targets": parse_targets("".join(letters)),
             "rank": str(rank), "alpha": repr(scaling * rank),
             "dropout": str(float(config.get("lora_dropout", 0.0))),
             "base_model": str(config.get("base_model_name_or_path") or ""),
