@@ -100,6 +100,18 @@ def test_exported_adapter_gives_peft_the_same_logits(base_dir, tmp_path, caplog,
         assert torch.equal(lora_factors(again)[key][1], b)
 
 
+def test_untrained_export_keeps_its_layout(base_dir, tmp_path):
+    model = apply_lora(load(base_dir), "qvo", 4, 8.0)  # B = 0: the layout is in lora_repro.json
+    save_adapter(model, tmp_path / "a.safetensors")
+    tensors, meta = read_adapter(tmp_path / "a.safetensors")
+    origin = {"config": {"targets": "qvo", "rank": 4}}
+    write_peft(tmp_path / "out", adapter_factors(tensors, meta), meta, str(base_dir), origin)
+    back, meta = read_adapter(tmp_path / "out")
+    assert (meta["targets"], meta["rank"], meta["structure"]) == ("qvo", "4", "per-matrix")
+    assert back.keys() == tensors.keys()
+    assert all(torch.equal(back[k], t) for k, t in tensors.items())
+
+
 def test_peft_trained_adapter_imports_with_peft_delta_weights(base_dir, tmp_path, capsys):
     torch.manual_seed(0)
     config = LoraConfig(r=4, lora_alpha=16, target_modules=["c_attn"], fan_in_fan_out=True,

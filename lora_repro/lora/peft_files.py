@@ -21,7 +21,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from lora_repro.errors import UserError
-from lora_repro.lora.peft_format import SVD_NOTE, from_peft, peft_config, to_peft
+from lora_repro.lora.peft_format import (
+    SVD_NOTE,
+    export_layout,
+    from_peft,
+    peft_config,
+    to_peft,
+)
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -82,7 +88,9 @@ def read_peft(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[
             raise UserError(f"peft adapter {path} has no {WEIGHTS} or {WEIGHTS_BIN}")
     except (SafetensorError, OSError, RuntimeError) as e:
         raise UserError(f"peft adapter {path}: unreadable weights ({type(e).__name__})") from None
-    tensors, meta = from_peft(tensors, config, f"peft adapter {path}")
+    origin = (read_origin(path) or {}).get("config") or {}
+    hint = export_layout(origin["targets"], int(origin["rank"])) if "rank" in origin else None
+    tensors, meta = from_peft(tensors, config, f"peft adapter {path}", hint)
     if meta["structure"] == "svd" and str(path) not in _noted:
         _noted.add(str(path))
         print(f"note: {path}: {SVD_NOTE}", file=sys.stderr)

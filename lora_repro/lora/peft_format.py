@@ -171,10 +171,25 @@ def parse_keys(tensors: dict[str, torch.Tensor], where: str
     return out
 
 
-def block_layout(bs: list[torch.Tensor]) -> dict[int, list[int]] | None:
+def export_layout(targets: str, rank: int) -> dict[int, list[int]]:
+    """The columns of B' each c_attn slice owns in `to_peft`'s export of `targets` at `rank`."""
+    fused = [t.slice_index for t in TARGETS.values() if t.module == FUSED and t.letter in targets]
+    return {s: list(range(j * rank, (j + 1) * rank)) for j, s in enumerate(fused)}
+
+
+def block_layout(bs: list[torch.Tensor], hint: dict[int, list[int]] | None = None
+                 ) -> dict[int, list[int]] | None:
     """The columns of B' (3 d, r') that each slice of c_attn owns, if every layer's B' is
     block-diagonal in one shared layout (each column nonzero in one slice only, every
-    adapted slice owning the same number of columns); else None."""
+    adapted slice owning the same number of columns); else None. `hint`, the layout of an
+    export (`export_layout`), is taken where B' is zero outside it (e.g. an untrained B = 0)."""
+    if hint and sum(map(len, hint.values())) == bs[0].shape[1]:
+        d = bs[0].shape[0] // 3
+        mask = torch.ones_like(bs[0], dtype=torch.bool)
+        for s, cols in hint.items():
+            mask[s * d:(s + 1) * d, cols] = False
+        if all(not b[mask].any() for b in bs):
+            return hint
     layouts = set()
     for b in bs:
         nonzero = b.unflatten(0, (3, -1)).ne(0).any(dim=1)  # (3, r'): slice s uses column j
@@ -203,11 +218,13 @@ def svd_factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.T
     return (root[:, None] * (vh @ q.T)).to(a.dtype), (u * root).to(b.dtype)
 
 
-def from_peft(tensors: dict[str, torch.Tensor], config: dict, where: str
+def from_peft(tensors: dict[str, torch.Tensor], config: dict, where: str,
+              hint: dict[int, list[int]] | None = None
               ) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """A peft GPT-2 LoRA adapter as lora-repro adapter tensors and metadata (the layout of
     `lora_repro.lora.adapter`), with metadata "structure": "per-matrix" or "svd" (see the
-    module docstring). Raises `UserError` for what cannot be represented exactly."""
+    module docstring); `hint`: see `block_layout`. Raises `UserError` for what cannot be
+    represented exactly."""
     check_config(config, where)
     modules = parse_keys(tensors, where)
     factors: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -219,7 +236,7 @@ def from_peft(tensors: dict[str, torch.Tensor], config: dict, where: str
                         for i, (a, b) in layers.items()}
             continue
         d = layers[0][1].shape[0] // 3
-        cols = block_layout([b for _, b in layers.values()])
+        cols = block_layout([b for _, b in layers.values()], hint)
         structure = "per-matrix" if cols else "svd"
         for i, (a, b) in layers.items():
             scale = _scaling(config, i, module, a.shape[0])
