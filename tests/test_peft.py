@@ -186,6 +186,13 @@ def test_peft_adapters_that_cannot_be_read_fail_in_one_line(base_dir, tmp_path, 
     exported(base_dir, tmp_path / "dora", "qv")
     rewrite(tmp_path / "dora", use_dora=True)
     one_line_error(lambda: read_adapter(tmp_path / "dora"), "DoRA")
+    exported(base_dir, tmp_path / "ranks", "qvo")
+    tensors = load_file(tmp_path / "ranks" / "adapter_model.safetensors")
+    key = "base_model.model.transformer.h.1.attn.c_proj.lora_{}.weight"
+    tensors[key.format("A")] = tensors[key.format("A")][:2].clone()
+    tensors[key.format("B")] = tensors[key.format("B")][:, :2].clone()
+    save_file(tensors, tmp_path / "ranks" / "adapter_model.safetensors")
+    one_line_error(lambda: read_adapter(tmp_path / "ranks"), "h.1.o has 2", "h.0.o has 4")
     exported(base_dir, tmp_path / "small", "qv")
     wider = GPT2LMHeadModel(tiny_config(n_embd=32))
     one_line_error(lambda: load_adapter(wider, tmp_path / "small"), "n_embd=16", "n_embd=32")

@@ -248,7 +248,9 @@ def from_peft(tensors: dict[str, torch.Tensor], config: dict, where: str,
                     factors[(i, letter)] = (a[cols[s]], b[rows][:, cols[s]], scale)
     ranks = {f"h.{i}.{m}": a.shape[0] for (i, m), (a, _, _) in sorted(factors.items())}
     if len(set(ranks.values())) > 1:
-        by_rank = {r: k for k, r in ranks.items()}  # one matrix per rank
+        by_rank: dict[int, str] = {}
+        for k, r in ranks.items():
+            by_rank.setdefault(r, k)  # the first matrix of each rank
         shown = ", ".join(f"{k} has {r}" for r, k in sorted(by_rank.items()))
         raise UserError(f"{where}: matrices have different ranks ({shown}); a lora-repro "
                         "adapter has one rank")
