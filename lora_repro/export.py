@@ -40,7 +40,8 @@ def export_peft(run_dir: Path, out_dir: Path, save_base: Path | None = None) -> 
     if out_dir.exists() and any(out_dir.iterdir()):
         raise UserError(f"{out_dir} exists and is not empty; give a new directory")
     tensors, meta = read_adapter(adapter_path(run_dir))
-    base = cfg.model.name
+    local = Path(cfg.model.name).expanduser()
+    base = str(local.resolve()) if local.exists() else cfg.model.name  # a hub id stays as is
     if save_base is not None:
         model = base_model(run_dir, cfg)
         model.save_pretrained(save_base)
