@@ -2,7 +2,8 @@
 
 A thin edge over `lora_repro.rundir` (the run-directory contract) and `lora_repro.runs`
 (adapters, base models, dW). A run's configuration is `summary.json["config"]`; a job
-directory without `summary.json` is incomplete and skipped with one warning line.
+directory without `summary.json` is incomplete and skipped with one warning line. A peft
+adapter directory in the sweep is a LoRA run too (`peft_runs`).
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def load_runs(sweep: Path | None) -> tuple[Path, list[Run]]:
     sweep = newest_sweep() if sweep is None else Path(sweep)
     if not sweep.is_dir():
         raise UserError(f"sweep directory {sweep} does not exist")
-    runs = []
+    runs = peft_runs(sweep)
     for job in rundir.find_runs(sweep):
         if (job / rundir.SUMMARY).is_file():
             runs.append(Run(job, rundir.read_json(job / rundir.SUMMARY)))
@@ -94,7 +95,15 @@ def load_runs(sweep: Path | None) -> tuple[Path, list[Run]]:
             warn(f"skipping {job}: incomplete (no {rundir.SUMMARY})")
     if not runs:
         raise UserError(f"{sweep} holds no complete run (a job directory with {rundir.SUMMARY})")
-    return sweep, runs
+    return sweep, sorted(runs, key=lambda run: run.path)
+
+
+def peft_runs(sweep: Path) -> list[Run]:
+    """The peft adapter directories below `sweep` as LoRA runs, their config made by
+    `lora_repro.runs.peft_summary` (an export pairs with its source run's sweep)."""
+    from lora_repro.runs import peft_dirs, peft_summary  # imports transformers: only when needed
+
+    return [Run(path, peft_summary(path)) for path in peft_dirs(sweep)]
 
 
 def lora_runs(runs: Iterable[Run]) -> list[Run]:

@@ -1,11 +1,13 @@
 """Read run directories back: config, tokenizer, base and trained models, A/B factors, dW.
 
 The inverse of what `lora_repro.trainer.train` writes (layout in `lora_repro.rundir`); used
-by `lora_repro.evaluate decode` and the `analysis` commands.
+by `lora_repro.evaluate decode` and the `analysis` commands. A peft adapter directory reads
+as a LoRA run too (`peft_summary` says how its config is made).
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -23,6 +25,7 @@ from lora_repro.lora import (
     load_adapter,
     read_adapter,
 )
+from lora_repro.lora.peft_files import is_peft_dir, read_origin
 from lora_repro.modeling import load_model, load_tokenizer
 
 Key = tuple[int, str]
@@ -40,6 +43,8 @@ def run_config(run_dir: Path, overrides: list[str] | None = None) -> TrainConfig
         saved = OmegaConf.create(rundir.read_json(run_dir / rundir.SUMMARY)["config"])
     elif (run_dir / rundir.CONFIG).is_file():
         saved = OmegaConf.create(rundir.read_json(run_dir / rundir.CONFIG))
+    elif is_peft_dir(run_dir):
+        saved = OmegaConf.create(peft_summary(run_dir)["config"])
     else:
         raise UserError(f"run={run_dir}: not a run directory (no {rundir.SUMMARY} or "
                         f"{rundir.CONFIG})")
@@ -65,7 +70,9 @@ def run_tokenizer(run_dir: Path, cfg: TrainConfig) -> PreTrainedTokenizerBase:
 def base_model(run_dir: Path, cfg: TrainConfig | None = None) -> GPT2LMHeadModel:
     """The run's frozen base W_0 (rebuilt from its seed for `model.init=random`), fp32, CPU."""
     cfg = cfg or run_config(run_dir)
-    return load_model(cfg.model, run_tokenizer(run_dir, cfg)).eval()
+    # only a random init sizes its vocabulary by the tokenizer (a peft base may have none)
+    tokenizer = run_tokenizer(run_dir, cfg) if cfg.model.init == "random" else None
+    return load_model(cfg.model, tokenizer).eval()
 
 
 def trained_model(run_dir: Path, cfg: TrainConfig | None = None) -> GPT2LMHeadModel:
@@ -77,13 +84,13 @@ def trained_model(run_dir: Path, cfg: TrainConfig | None = None) -> GPT2LMHeadMo
         if not (path / "config.json").is_file():
             raise UserError(f"run={run_dir}: no fine-tuned model in {path} (is the run complete?)")
         return GPT2LMHeadModel.from_pretrained(path, dtype=torch.float32).eval()
-    return load_adapter(base_model(run_dir, cfg), run_dir / rundir.ADAPTER, dropout=0.0)
+    return load_adapter(base_model(run_dir, cfg), adapter_path(run_dir), dropout=0.0)
 
 
 def lora_factors_of(run_dir: Path) -> tuple[dict[Key, tuple[torch.Tensor, torch.Tensor]], dict]:
     """A (r x d_in) and B (d_out x r) per (layer, matrix) from the adapter file, and its
     metadata (rank, alpha, targets, ...). No model is loaded."""
-    tensors, meta = read_adapter(Path(run_dir) / rundir.ADAPTER)
+    tensors, meta = read_adapter(adapter_path(run_dir))
     return adapter_factors(tensors, meta), meta
 
 
@@ -96,3 +103,52 @@ def delta_weights_of(run_dir: Path) -> dict[Key, torch.Tensor]:
     factors, meta = lora_factors_of(run_dir)
     scaling = float(meta["alpha"]) / int(meta["rank"])
     return {key: delta_weight(a, b, scaling) for key, (a, b) in factors.items()}
+
+
+# ---------------------------------------------------------------- peft adapter directories
+
+
+def adapter_path(run_dir: Path) -> Path:
+    """The run's adapter file, or the directory itself for a peft adapter directory."""
+    run_dir = Path(run_dir)
+    path = run_dir / rundir.ADAPTER
+    return run_dir if not path.is_file() and is_peft_dir(run_dir) else path
+
+
+def peft_dirs(root: Path) -> list[Path]:
+    """Every peft adapter directory below `root` (one holding adapter_config.json)."""
+    return sorted(p.parent for p in Path(root).rglob("adapter_config.json"))
+
+
+def seed_from_name(name: str) -> int | None:
+    """The seed a directory name states at its end: "r8-qv-s2" -> 2, "lora_seed3" -> 3."""
+    match = re.search(r"(?:^|[-_.])s(?:eed)?[-_=]?(\d+)$", name)
+    return int(match[1]) if match else None
+
+
+def peft_summary(path: Path) -> dict:
+    """A summary.json-like {"config": ...} for a peft adapter directory, so the analysis
+    pairs and labels it like a run.
+
+    An export by lora-repro (with lora_repro.json) has its source run's config and base
+    fingerprint; any other peft adapter a minimal config: method=lora, model.name =
+    base_model_name_or_path (pretrained), task.name="peft". Both take targets, rank, alpha
+    and dropout from the adapter, and the seed from the directory name where it ends in
+    s<N> (e.g. "gpt2-lora-s2"), else the source run's seed, else 0. No metrics: the
+    tables show its row without scores."""
+    path = Path(path)
+    tensors, meta = read_adapter(path)
+    origin = read_origin(path) or {}
+    config = dict(origin.get("config") or {
+        "method": "lora", "task": {"name": "peft"},
+        "model": {"id": Path(meta["base_model"]).name or "unknown", "name": meta["base_model"],
+                  "tokenizer": meta["base_model"], "init": "pretrained"}})
+    seed = seed_from_name(path.name)
+    config |= {"targets": meta["targets"], "rank": int(meta["rank"]),
+               "alpha": float(meta["alpha"]), "dropout": float(meta["dropout"]),
+               "seed": seed if seed is not None else config.get("seed", 0)}
+    summary = {"config": config, "metrics": {}, "source": "peft", "structure": meta["structure"],
+               "trainable_params": sum(t.numel() for t in tensors.values())}
+    if origin.get("base_fingerprint"):
+        summary["base_fingerprint"] = origin["base_fingerprint"]
+    return summary

@@ -68,9 +68,17 @@ def save_adapter(model: nn.Module, path: str | os.PathLike) -> Path:
 def read_adapter(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Read an adapter file without a model: (tensors by key, metadata).
 
+    `path` may also be a peft LoRA adapter directory or Hub id ("user/name"), converted by
+    `lora_repro.lora.peft_files.read_peft` (metadata "source": "peft").
+
     Raises `UserError` for a missing, truncated or non-safetensors file, or a safetensors
     file that is not a lora-repro adapter.
     """
+    if not Path(path).is_file():
+        from lora_repro.lora.peft_files import read_peft  # it imports this module
+
+        if Path(path).is_dir() or not Path(path).exists():
+            return read_peft(path)
     path = Path(path)
     if not path.is_file():
         raise UserError(f"adapter file {path} does not exist")
@@ -100,7 +108,8 @@ def adapter_factors(
 def load_adapter(
     model: nn.Module, path: str | os.PathLike, dropout: float | None = None
 ) -> nn.Module:
-    """Load an adapter file into `model`, in place, and return the model.
+    """Load an adapter file (or a peft adapter directory / Hub id) into `model`, in place,
+    and return the model.
 
     A plain GPT-2 first gets `apply_lora` with the file's settings (`dropout` overrides the
     saved dropout, e.g. 0 for inference); a model that already has LoRA must have the same
@@ -112,7 +121,7 @@ def load_adapter(
         raise UserError("the model's LoRA is merged: call unmerge_lora before load_adapter")
     shape = {k: str(v) for k, v in _shape_meta(model).items()}
     for key, value in shape.items():
-        if meta.get(key) != value:
+        if meta.get(key, value) != value:  # a peft adapter without MLP targets has no n_inner
             raise UserError(
                 f"adapter {path} was trained on a model with {key}={meta.get(key)}, "
                 f"this model has {key}={value}"
