@@ -79,8 +79,8 @@ def score_run(run_dir: Path, overrides: list[str]) -> dict:
 
     cfg = runs.run_config(run_dir, overrides)
     path = run_dir / rundir.PREDICTIONS
-    hyps = read_hyps(path)
     test = task_data(cfg.task).test
+    hyps = read_hyps(path, len(test))
     if len(hyps) != len(test):
         raise UserError(f"{path} has {len(hyps)} lines, the test split {len(test)} sources")
     metrics = score(cfg.task.metrics, [list(t.references) for t in test], hyps)
@@ -97,7 +97,7 @@ def run_score(args: argparse.Namespace) -> int:
         raise UserError("give --refs REFS.csv and --hyp HYP.txt, or run=PATH")
     metrics = check_metrics(args.metrics.split(","))
     _, refs = read_refs_csv(args.refs)
-    hyps = read_hyps(args.hyp)
+    hyps = read_hyps(args.hyp, len(refs))
     if len(hyps) != len(refs):
         raise UserError(f"{args.hyp} has {len(hyps)} lines but {args.refs} has {len(refs)} MRs; "
                         "give one output line per MR, in the order of the references file")
