@@ -150,8 +150,8 @@ def test_bad_data_leaves_no_job_directory(tmp_path):
     (tmp_path / "trainset.csv").write_text("mr,ref\n")
     out = cli(*E2E_LOCAL, f"task.data_dir={tmp_path}", f"hydra.run.dir={tmp_path / 'job'}",
               timeout=60)
-    assert one_error(out) == (f"error: {tmp_path / 'trainset.csv'} holds only its header; "
-                              "give a file with at least one row")
+    assert one_error(out) == (f"error: task.train_file: {tmp_path / 'trainset.csv'} holds "
+                              "only its header; give a file with at least one row")
     assert not (tmp_path / "job").exists()
 
 

@@ -162,7 +162,10 @@ def check_files(name: str, data_dir: str | None, **options) -> None:
         except OSError as err:
             raise UserError(f"task.{key}: cannot read {path} ({err.strerror})") from None
         if name == "e2e":
-            e2e.check_header(path, text)
+            try:
+                e2e.check_header(path, text)
+            except UserError as err:
+                raise UserError(f"task.{key}: {err}") from None
         elif not text.strip():
             raise UserError(f"task.{key}: {path} is empty")
 
