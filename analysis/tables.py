@@ -276,6 +276,15 @@ def targets_rank_grid(summaries: Sequence[Mapping], metric: str = "BLEU",
     return grid
 
 
+def fewer_seeds(summaries: Sequence[Mapping]) -> list[str]:
+    """The configurations averaged over fewer seeds than the most of them, as
+    "targets r<rank> [setting] (n=<seeds>)": what a grid of plain means cannot show."""
+    runs = runs_frame(summaries)
+    counts = runs.groupby(list(CONFIG), dropna=False, sort=False).size()
+    return [" ".join(filter(None, [key[3], f"r{key[4]}", key[5]])) + f" (n={n})"
+            for key, n in counts.items() if n < counts.max()]
+
+
 # ---------------------------------------------------------------- writers
 
 
@@ -350,6 +359,11 @@ def command_tables(runs, sweep: str, metric: str) -> dict[str, pd.DataFrame]:
     for context, group in _grouped(lora, ("model.id", "task.name")).items():
         name = "_".join(filter(None, ["grid", metric, sweep, context]))
         out[name] = targets_rank_grid([run.summary for run in group], metric)
+        few = fewer_seeds([run.summary for run in group])
+        if few:
+            from analysis.runs import warn
+
+            warn(f"{name}: cells averaged over fewer seeds than the others: {', '.join(few)}")
     return out
 
 

@@ -79,6 +79,7 @@ def test_analysis_names_failed_and_incomplete_jobs_and_cells_of_fewer_seeds(tmp_
     assert "r8-qv-s3: incomplete" in warned[0]
     table = tables.table18([run.summary for run in runs])
     assert list(table["BLEU"]) == ["61.00±1.41", "65.00 (n=1)"]
+    assert tables.fewer_seeds([run.summary for run in runs]) == ["qv r8 (n=1)"]  # for the grid
 
 
 def test_a_sweep_job_failing_with_an_os_error_is_its_one_line_and_the_sweep_goes_on(tmp_path):

@@ -139,7 +139,7 @@ def test_runs_that_differ_in_more_than_seed_are_kept_apart():
     table = T.table3(summaries)
     assert list(table.index.get_level_values("Setting")) == ["lr=0.0001", "lr=0.0002",
                                                              "lr=0.0002"]
-    assert list(table["BLEU"]) == ["60.0", "71.0±1.4", "50.0"]
+    assert list(table["BLEU"]) == ["60.0 (n=1)", "71.0±1.4", "50.0 (n=1)"]  # 1 seed of 2
     t18 = T.table18(summaries)
     assert list(t18.index) == [(4, "lr=0.0001"), (4, "lr=0.0002"), (8, "lr=0.0002")]
     grid = T.targets_rank_grid(summaries)
