@@ -1,9 +1,11 @@
-"""The runs of a sweep, for the analysis commands: find, load, pair and label them.
+"""A sweep's runs, for the analysis commands: find, check, load, pair and label them.
 
-A thin edge over `lora_repro.rundir` (the run-directory contract) and `lora_repro.runs`
-(adapters, base models, dW). A run's configuration is `summary.json["config"]`; a job
-directory without `summary.json` is incomplete and skipped with one warning line. A peft
-adapter directory in the sweep is a LoRA run too (`peft_runs`).
+A thin edge over `lora_repro.rundir` (layout, writing, checksums) and `lora_repro.runs`
+(reading one job back: adapters, base models, dW). A run's configuration is
+`summary.json["config"]`. A job that failed (a marker in `<sweep>/.failed/`) or is
+incomplete (no `summary.json`) is skipped with one warning line naming it; a complete job
+whose files differ from their checksums is an error. A peft adapter directory in the sweep
+is a LoRA run too (`peft_runs`).
 """
 
 from __future__ import annotations
@@ -82,17 +84,27 @@ def newest_sweep(root: Path = RUNS_ROOT) -> Path:
 def load_runs(sweep: Path | None) -> tuple[Path, list[Run]]:
     """The sweep directory (default: `newest_sweep()`) and its complete runs, sorted by path.
 
-    Warns once per incomplete job directory; raises `UserError` when none is complete.
+    Warns once per failed job (its `.failed/` marker) and per other incomplete job
+    directory; raises `UserError` when none is complete, or naming a complete job's file
+    that differs from its checksum in summary.json.
     """
     sweep = newest_sweep() if sweep is None else Path(sweep)
     if not sweep.is_dir():
         raise UserError(f"sweep directory {sweep} does not exist")
-    runs = peft_runs(sweep)
+    runs, failed = peft_runs(sweep), {}
+    for marker in rundir.failed_markers(sweep):
+        failed[marker.name] = marker.read_text().strip()
     for job in rundir.find_runs(sweep):
         if (job / rundir.SUMMARY).is_file():
-            runs.append(Run(job, rundir.read_json(job / rundir.SUMMARY)))
-        else:
-            warn(f"skipping {job}: incomplete (no {rundir.SUMMARY})")
+            summary = rundir.read_json(job / rundir.SUMMARY)
+            rundir.verify_artifacts(job, summary)
+            runs.append(Run(job, summary))
+            failed.pop(job.name, None)  # failed once, since rerun to completion
+        elif job.name not in failed:
+            warn(f"missing {job}: incomplete (no {rundir.SUMMARY}); rerun its command to "
+                 "resume it")
+    for line in failed.values():
+        warn(f"missing {sweep}/{line.split(': ', 1)[0]}: failed ({line.split(': ', 1)[-1]})")
     if not runs:
         raise UserError(f"{sweep} holds no complete run (a job directory with {rundir.SUMMARY})")
     return sweep, sorted(runs, key=lambda run: run.path)

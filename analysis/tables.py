@@ -147,16 +147,20 @@ def aggregate(runs: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
 # ---------------------------------------------------------------- formatting
 
 
-def mean_std(mean: float, std: float, decimals: int) -> str:
+def mean_std(mean: float, std: float, decimals: int, n: int | None = None,
+             n_most: int | None = None) -> str:
     """"70.4±.1" as the paper prints it: the std without its leading zero; the mean alone
-    when std is missing (one seed); "–" when the mean is missing."""
+    when std is missing (one seed); "–" when the mean is missing. A cell averaged over `n`
+    seeds where its siblings have up to `n_most` says so: "70.4 (n=1)"."""
     if pd.isna(mean):
         return "–"
     text = f"{mean:.{decimals}f}"
-    if pd.isna(std):
-        return text
-    spread = f"{std:.{decimals}f}"
-    return f"{text}±{spread[1:] if spread.startswith('0.') else spread}"
+    if not pd.isna(std):
+        spread = f"{std:.{decimals}f}"
+        text += f"±{spread[1:] if spread.startswith('0.') else spread}"
+    if n is not None and n_most is not None and n < n_most:
+        text += f" (n={n})"
+    return text
 
 
 def params_label(n: float) -> str:
@@ -179,12 +183,15 @@ def _row_index(levels: Mapping[str, Sequence]) -> pd.Index:
 
 
 def _formatted(table: pd.DataFrame, fmt: Mapping[str, tuple[float, int]]) -> pd.DataFrame:
-    """Columns HEADERS[metric] of mean±std strings, scaled and rounded as `fmt` says."""
-    return pd.DataFrame({
-        HEADERS[m]: [mean_std(mu * scale, sd * scale, d)
-                     for mu, sd in zip(table[(m, "mean")], table[(m, "std")], strict=True)]
-        for m, (scale, d) in fmt.items()
-    }, index=table.index)
+    """Columns HEADERS[metric] of mean±std strings, scaled and rounded as `fmt` says; a cell
+    over fewer seeds than the most in its column ends in "(n=<seeds>)"."""
+    def column(m: str, scale: float, d: int) -> list[str]:
+        counts = table[(m, "n")]
+        return [mean_std(mu * scale, sd * scale, d, int(n), int(counts.max()))
+                for mu, sd, n in zip(table[(m, "mean")], table[(m, "std")], counts, strict=True)]
+
+    return pd.DataFrame({HEADERS[m]: column(m, scale, d) for m, (scale, d) in fmt.items()},
+                        index=table.index)
 
 
 # ---------------------------------------------------------------- tables
@@ -269,6 +276,15 @@ def targets_rank_grid(summaries: Sequence[Mapping], metric: str = "BLEU",
     return grid
 
 
+def fewer_seeds(summaries: Sequence[Mapping]) -> list[str]:
+    """The configurations averaged over fewer seeds than the most of them, as
+    "targets r<rank> [setting] (n=<seeds>)": what a grid of plain means cannot show."""
+    runs = runs_frame(summaries)
+    counts = runs.groupby(list(CONFIG), dropna=False, sort=False).size()
+    return [" ".join(filter(None, [key[3], f"r{key[4]}", key[5]])) + f" (n={n})"
+            for key, n in counts.items() if n < counts.max()]
+
+
 # ---------------------------------------------------------------- writers
 
 
@@ -343,6 +359,11 @@ def command_tables(runs, metric: str) -> dict[str, pd.DataFrame]:
     for context, group in _grouped(lora, ("model.id", "task.name")).items():
         name = "_".join(filter(None, ["grid", metric, context]))
         out[name] = targets_rank_grid([run.summary for run in group], metric)
+        few = fewer_seeds([run.summary for run in group])
+        if few:
+            from analysis.runs import warn
+
+            warn(f"{name}: cells averaged over fewer seeds than the others: {', '.join(few)}")
     return out
 
 

@@ -45,11 +45,22 @@ def split_run_args(args: Sequence[str]) -> tuple[Path, list[str]]:
     return Path(runs[0]), overrides
 
 
-def _update_summary(run_dir: Path, metrics: dict) -> None:
+def _check_files(run_dir: Path) -> None:
+    """A complete run's files against the checksums in its summary.json (`UserError`)."""
+    path = run_dir / rundir.SUMMARY
+    if path.is_file():
+        rundir.verify_artifacts(run_dir, rundir.read_json(path))
+
+
+def _update_summary(run_dir: Path, metrics: dict, decoded: bool = False) -> None:
+    """Add `metrics` to summary.json; `decoded`: predictions.txt was just rewritten, so its
+    checksum is too."""
     path = run_dir / rundir.SUMMARY
     if path.is_file():
         summary = rundir.read_json(path)
         summary["metrics"].update(metrics)
+        if decoded and "artifacts" in summary:
+            summary["artifacts"] |= rundir.checksums(run_dir, [rundir.PREDICTIONS])
         rundir.write_json(path, summary)
 
 
@@ -63,6 +74,7 @@ def run_decode(args: argparse.Namespace) -> int:
 
     run_dir, overrides = split_run_args(args.args)
     cfg = validate(runs.run_config(run_dir, overrides))
+    _check_files(run_dir)
     device = resolve_device(cfg.device)
     test = task_data(cfg.task).test
     if not test:
@@ -71,7 +83,7 @@ def run_decode(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     metrics = decode_and_score(model, runs.run_tokenizer(run_dir, cfg), test, cfg, run_dir, device)
     metrics["decode_s"] = time.perf_counter() - t0
-    _update_summary(run_dir, metrics)
+    _update_summary(run_dir, metrics, decoded=True)
     print(json.dumps(metrics))
     return 0
 
@@ -84,9 +96,10 @@ def score_run(run_dir: Path, overrides: list[str]) -> dict:
 
     cfg = runs.run_config(run_dir, overrides)
     check_references(cfg.task.references, cfg.task.name)
+    _check_files(run_dir)
     path = run_dir / rundir.PREDICTIONS
-    hyps = read_hyps(path)
     test = task_data(cfg.task).test
+    hyps = read_hyps(path, len(test))
     if len(hyps) != len(test):
         raise UserError(f"{path} has {len(hyps)} lines, the test split {len(test)} sources")
     metrics = score(cfg.task.metrics, [list(t.references) for t in test], hyps)
@@ -107,7 +120,7 @@ def run_score(args: argparse.Namespace) -> int:
     _, refs = read_refs_csv(args.refs)
     if prepare is not None:
         refs = [[prepare(ref) for ref in group] for group in refs]
-    hyps = read_hyps(args.hyp)
+    hyps = read_hyps(args.hyp, len(refs))
     if len(hyps) != len(refs):
         raise UserError(f"{args.hyp} has {len(hyps)} lines but {args.refs} has {len(refs)} MRs; "
                         "give one output line per MR, in the order of the references file")

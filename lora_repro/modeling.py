@@ -99,12 +99,16 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GPT2LMHe
             config = GPT2Config.from_pretrained(cfg.name)
         except (OSError, ValueError) as e:
             raise _unreachable("model.name", cfg.name, "model files (config.json, weights)") from e
-        return GPT2LMHeadModel.from_pretrained(
-            cfg.name,
-            config=_no_dropout(config, cfg.dropout),
-            attn_implementation=cfg.attn_implementation,
-            dtype=torch.float32,
-        )
+        try:
+            return GPT2LMHeadModel.from_pretrained(
+                cfg.name,
+                config=_no_dropout(config, cfg.dropout),
+                attn_implementation=cfg.attn_implementation,
+                dtype=torch.float32,
+            )
+        except OSError as e:  # a directory (or hub id) with a config but no weights
+            what = "weights (model.safetensors or pytorch_model.bin, beside config.json)"
+            raise _unreachable("model.name", cfg.name, what) from e
     config = GPT2Config(
         n_layer=cfg.n_layer,
         n_embd=cfg.n_embd,

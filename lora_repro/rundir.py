@@ -1,4 +1,9 @@
-"""The run directory: the contract between training and `analysis/`.
+"""The run directory's layout and its writing: the contract between training and `analysis/`.
+
+Three modules speak for run directories, each for one side: this one names the files and
+writes them (and checks a finished job's files against their checksums); `lora_repro.runs`
+reads one job back (config, tokenizer, models, dW); `analysis.runs` finds a sweep's jobs
+for the analysis commands (complete, failed, incomplete).
 
     runs/<name>/<job>/
         run_config.json         the job's full config, written once the directory is checked
@@ -7,14 +12,17 @@
         predictions.txt         decoded test outputs, one line per unique source
         tokenizer/              only for model.tokenizer=bpe: the tokenizer trained on the task
         model/                  only for method=full: the fine-tuned model (Hugging Face format)
-        summary.json            written last and atomically; a job without it is incomplete
+        summary.json            written last and atomically; a job without it is incomplete;
+                                its "artifacts" holds the sha256 of each file it vouches for
         checkpoints/last.pt     resume state (weights, optimizer, scheduler, RNG, data position)
+    runs/<name>/.failed/<job>   a failed job's one error line (and `<job>.traceback` for a bug)
 
 Every file a reader may take for finished is written to a temporary name and renamed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -36,6 +44,7 @@ PREDICTIONS = "predictions.txt"
 CHECKPOINT = "checkpoints/last.pt"
 TOKENIZER = "tokenizer"  # only for model.tokenizer=bpe, trained on the task
 MODEL = "model"  # method=full: the fine-tuned model as a Hugging Face directory
+FAILED = ".failed"  # <sweep dir>/.failed/<job>: the error line of a job that failed
 # Keys that do not change what a run computes: a rerun with other values resumes it.
 NOT_IDENTITY = ("logger", "eval", "device", "compile", "threads", "name")
 LORA_ONLY = ("targets", "rank", "alpha", "dropout")  # no part of a method=full run
@@ -145,6 +154,48 @@ def load_checkpoint(path: Path) -> dict | None:
     except Exception as e:  # truncated or corrupt: torch raises one of several types
         raise UserError(f"{path}: unreadable checkpoint ({type(e).__name__}); delete it to "
                         "start this run over") from None
+
+
+def artifact_files(run_dir: Path) -> list[str]:
+    """The files a summary vouches for, relative to `run_dir`: adapter, predictions, and the
+    files of `model/` and `tokenizer/` where the run has them."""
+    run_dir = Path(run_dir)
+    names = [name for name in (ADAPTER, PREDICTIONS) if (run_dir / name).is_file()]
+    for folder in (MODEL, TOKENIZER):
+        names += sorted(str(p.relative_to(run_dir)) for p in (run_dir / folder).rglob("*")
+                        if p.is_file())
+    return names
+
+
+def sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def checksums(run_dir: Path, names: list[str] | None = None) -> dict[str, str]:
+    """{relative path: sha256} of `names` (default: `artifact_files`), for summary.json."""
+    names = artifact_files(run_dir) if names is None else names
+    return {name: sha256(Path(run_dir) / name) for name in names}
+
+
+def verify_artifacts(run_dir: Path, summary: dict) -> None:
+    """`UserError` naming the first file of a complete job that is missing or differs from
+    the sha256 its summary recorded (a summary from before checksums passes unchecked).
+    Costs one read of each file (~1 s per GB); adapters are a few MB."""
+    run_dir = Path(run_dir)
+    for name, digest in summary.get("artifacts", {}).items():
+        path = run_dir / name
+        what = ("is missing" if not path.is_file()
+                else "is damaged (its sha256 differs from summary.json)"
+                if sha256(path) != digest else None)
+        if what:
+            raise UserError(f"{path} {what}; delete the job directory {run_dir} to retrain it")
+
+
+def failed_markers(sweep_dir: Path) -> list[Path]:
+    """The `.failed/<job>` markers of a sweep directory (each holds the job's one line)."""
+    return sorted(p for p in (Path(sweep_dir) / FAILED).glob("*")
+                  if p.is_file() and not p.name.endswith(".traceback"))
 
 
 def find_runs(root: Path) -> list[Path]:

@@ -6,7 +6,18 @@
 
 Each job writes `runs/<name>/<job>/` (see `lora_repro.rundir`), with <job> such as
 `r8-qv-s1`, plus any other overridden keys. Rerunning the same command resumes an
-interrupted job and skips a complete one.
+interrupted job and skips a complete one (after checking its files' checksums).
+
+Failures. The config, the data files and the device are checked before Hydra starts (one
+`error:` line, exit 2, nothing written). Inside a job:
+- a `UserError` (a mistake the user can fix) or an `OSError` (disk full, a file not
+  writable: the machine, not the code) is one line, `error: ...`, and exit status 2;
+- any other exception is a bug in the toolkit: a single run shows its traceback (what a bug
+  report needs); in a sweep it is the job's one line too, its traceback saved beside the
+  job's marker in `<sweep dir>/.failed/<job>.traceback`.
+In a sweep (-m) every failed job gets its line `<job>: <ExcClass>: <message>` and a marker
+`<sweep dir>/.failed/<job>`, the other jobs go on, and the sweep ends with one line naming
+the failed jobs and exit status 2. A refused job leaves no job directory behind.
 """
 
 from __future__ import annotations
@@ -15,8 +26,10 @@ import contextlib
 import dataclasses
 import hashlib
 import re
+import shutil
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import hydra
@@ -27,6 +40,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
+from lora_repro import rundir
 from lora_repro.config import TrainConfig, register, validate
 from lora_repro.errors import UserError
 from lora_repro.lora.targets import parse_targets
@@ -106,8 +120,27 @@ def precheck(args: list[str]) -> None:
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
         return
     overrides = [a for a in args if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
+    checked = set()
     for job in _sweep_jobs(overrides, multirun=any(a in ("-m", "--multirun") for a in args)):
-        compose_config(job)
+        cfg = compose_config(job)
+        key = repr((cfg.task, cfg.device))
+        if key not in checked:  # each task's files once, however many jobs share them
+            check_job(cfg)
+            checked.add(key)
+
+
+def check_job(cfg: TrainConfig) -> None:
+    """What a job would refuse only after seconds of imports, checked in well under one:
+    the device, and the task's local data files (`lora_repro.data.tasks.check_files`)."""
+    import torch  # already imported with the config's LoRA targets
+
+    from lora_repro.data.tasks import check_files, default_options
+
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"device={cfg.device!r}: CUDA is not available here; use device=cpu")
+    if cfg.task.name != "corpus":
+        options = {k: getattr(cfg.task, k) for k in default_options(cfg.task.name)}
+        check_files(cfg.task.name, cfg.task.data_dir, **options)
 
 
 def _sweep_jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
@@ -132,7 +165,7 @@ def compose_config(overrides: list[str]) -> TrainConfig:
 
 OmegaConf.register_new_resolver("job_name", job_name, replace=True)
 register()
-FAILED = ".failed"  # <sweep dir>/.failed/<job>: the error line of a job that failed
+FAILED = rundir.FAILED  # <sweep dir>/.failed/<job>: the error line of a job that failed
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF), config_name="config")
@@ -140,24 +173,49 @@ def _run(dict_cfg: DictConfig) -> float | None:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     marker = Path(hydra_cfg.sweep.dir) / FAILED / run_dir.name
+    traceback_path = marker.with_name(marker.name + ".traceback")
     marker.unlink(missing_ok=True)
+    traceback_path.unlink(missing_ok=True)
     try:
         cfg: TrainConfig = validate(OmegaConf.to_object(dict_cfg))
         from lora_repro.trainer import train  # heavy imports after validation
 
         summary = train(cfg, run_dir)
-    except UserError as e:
-        if hydra_cfg.mode != RunMode.MULTIRUN:
-            print(f"error: {e}", file=sys.stderr)
+    except Exception as e:
+        _remove_if_empty(run_dir)
+        sweep = hydra_cfg.mode == RunMode.MULTIRUN
+        bug = not isinstance(e, UserError | OSError)
+        if not sweep:
+            if bug:
+                raise
+            kind = "" if isinstance(e, UserError) else f"{type(e).__name__}: "
+            print(f"error: {kind}{_one_line(e)}", file=sys.stderr)
             sys.exit(2)
-        # In a sweep, one bad job must not stop the others (SystemExit would end them all).
+        # In a sweep, one failed job must not stop the others (SystemExit would end them all).
         # The marker tells `main` of the failure also from a launcher's worker process.
-        print(f"error: {run_dir.name}: {e}", file=sys.stderr)
+        line = f"{run_dir.name}: {type(e).__name__}: {_one_line(e)}"
         marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{run_dir.name}: {e}\n")
+        if bug:
+            traceback_path.write_text(traceback.format_exc())
+            line += f" (traceback in {traceback_path})"
+        print(f"error: {line}", file=sys.stderr)
+        marker.write_text(line + "\n")
         return None
     print(result_line(run_dir, summary))
     return summary["metrics"].get("val_loss")
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines) or repr(e)
+
+
+def _remove_if_empty(run_dir: Path) -> None:
+    """Remove a failed job's directory where it holds only what Hydra put there before the
+    job ran (its `train.log`, `.hydra/`): a refused job leaves nothing behind."""
+    if run_dir.is_dir() and all(p.name in ("train.log", ".hydra", f"{run_dir.name}.log")
+                                for p in run_dir.iterdir()):
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def result_line(run_dir: Path, summary: dict) -> str:
@@ -186,7 +244,7 @@ def main() -> None:
 
 
 def sweep_failures(args: list[str], since: float) -> list[str]:
-    """`job: error` of each job of a sweep (-m) that failed with a UserError after `since`,
+    """`job: ExcClass: error` of each job of a sweep (-m) that failed after `since`,
     from the markers the jobs leave in the sweep directory (read back here because with a
     launcher such as SLURM the jobs run in other processes, their errors in their logs)."""
     if not any(a in ("-m", "--multirun") for a in args):
@@ -198,7 +256,7 @@ def sweep_failures(args: list[str], since: float) -> list[str]:
         sweep_dir = Path(cfg.hydra.sweep.dir)
     except Exception:  # a sweep syntax compose() does not take: nothing more to report
         return []
-    markers = (sweep_dir / FAILED).glob("*")
+    markers = rundir.failed_markers(sweep_dir)
     return sorted(m.read_text().strip() for m in markers if m.stat().st_mtime >= since - 1)
 
 

@@ -53,9 +53,10 @@ def task_data(task: TaskConfig) -> TaskData:
     return load_task(task.name, data_dir=task.data_dir, seed=task.seed, **options)
 
 
-def load_data(cfg: TrainConfig, run_dir: Path):
+def load_data(cfg: TrainConfig):
     """(tokenizer, train set, valid set, test sources). Example tasks are encoded as
-    `{"input_ids", "labels"}` dicts; the corpus task gives packed blocks that read the same."""
+    `{"input_ids", "labels"}` dicts; the corpus task gives packed blocks that read the same.
+    `UserError` when nothing is left to train on (before any run directory is written)."""
     if cfg.task.name == "corpus":
         if cfg.model.tokenizer == "bpe":
             raise UserError("model.tokenizer=bpe trains on example tasks; give a GPT-2 tokenizer")
@@ -63,12 +64,17 @@ def load_data(cfg: TrainConfig, run_dir: Path):
         cache = Path(cfg.task.cache_dir).expanduser() if cfg.task.cache_dir else None
         train, valid = load_corpus(cfg.task.paths, tokenizer, cfg.task.block_size,
                                    cfg.task.valid_fraction, cfg.task.seed, cache)
-        return tokenizer, Blocks(train), Blocks(valid), []
-    data = task_data(cfg.task)
-    tokenizer = run_tokenizer(cfg, data, run_dir)
-    train_set = encode_dataset(tokenizer, data.train, cfg.task.max_length)
-    valid_set = encode_dataset(tokenizer, data.valid, cfg.task.max_length)
-    return tokenizer, train_set, valid_set, data.test
+        train_set, valid_set, test = Blocks(train), Blocks(valid), []
+    else:
+        data = task_data(cfg.task)
+        tokenizer = run_tokenizer(cfg, data)
+        train_set = encode_dataset(tokenizer, data.train, cfg.task.max_length)
+        valid_set = encode_dataset(tokenizer, data.valid, cfg.task.max_length)
+        test = data.test
+    if len(train_set) == 0:  # a run of 0 steps would look complete but have learned nothing
+        raise UserError(f"task {cfg.task.name!r}: no training examples (task.data_dir="
+                        f"{cfg.task.data_dir!r}); give a train split that holds examples")
+    return tokenizer, train_set, valid_set, test
 
 
 class Schedule:
@@ -87,14 +93,13 @@ class Schedule:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def run_tokenizer(cfg: TrainConfig, data: TaskData, run_dir: Path):
-    """The run's tokenizer; one trained on the task ("bpe") is saved to `run_dir/tokenizer`."""
+def run_tokenizer(cfg: TrainConfig, data: TaskData):
+    """The run's tokenizer; one trained on the task ("bpe"), which `train` saves to
+    `run_dir/tokenizer`."""
     if cfg.model.tokenizer != "bpe":
         return load_tokenizer(cfg.model.tokenizer)
     texts = [prompt_text(ex.source) + " " + ex.target for ex in data.train]
-    tokenizer = train_bpe(texts, cfg.model.vocab_size)
-    tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
-    return tokenizer
+    return train_bpe(texts, cfg.model.vocab_size)
 
 
 class TimeBudget:
@@ -195,11 +200,11 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torc
 def train(cfg: TrainConfig, run_dir: Path) -> dict:
     """Run (or resume, or skip if complete) one training job in `run_dir`; return its summary."""
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     summary_path = run_dir / rundir.SUMMARY
     if summary_path.is_file():
         summary = rundir.read_json(summary_path)
         rundir.check_same_run(run_dir, summary["identity"], cfg)
+        rundir.verify_artifacts(run_dir, summary)
         print(f"{run_dir} is complete (summary.json); nothing to do")
         if cfg.eval.test and not (run_dir / rundir.PREDICTIONS).is_file():
             print(f"its test set was not decoded: python -m lora_repro.evaluate decode "
@@ -208,15 +213,14 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     ckpt = rundir.load_checkpoint(run_dir / rundir.CHECKPOINT)
     if ckpt is not None:
         rundir.check_same_run(run_dir, ckpt["identity"], cfg)
-    rundir.write_json(run_dir / rundir.CONFIG, asdict(cfg))
     device = resolve_device(cfg.device)
     autocast = autocast_for(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t_start = time.perf_counter()
 
-    # Data first: its errors are cheaper than loading a model.
-    tokenizer, train_set, valid_set, test = load_data(cfg, run_dir)
+    # Data, then the model, before the run directory is written: a refused run leaves nothing.
+    tokenizer, train_set, valid_set, test = load_data(cfg)
     lengths = [len(x["input_ids"]) for x in train_set]
     pad_id = tokenizer.pad_token_id
     max_length = cfg.task.block_size if cfg.task.name == "corpus" else cfg.task.max_length
@@ -229,6 +233,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout)
     else:
         model.requires_grad_(True)  # full fine-tuning (or pretraining): every parameter
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.write_json(run_dir / rundir.CONFIG, asdict(cfg))
+    if cfg.model.tokenizer == "bpe":
+        tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
     model.to(device).train()
     optimizer = _optimizer(model, cfg, device)
     batches_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
@@ -263,8 +271,12 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
             "identity": rundir.identity(cfg), "trainable": _trainable_state(model),
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "epoch": epoch, "batch_index": batch_index, "step": step, "rng": _rng_state(),
-            "tokens_total": tokens_total, "train_time": train_time + time.perf_counter() - t_log,
+            "tokens_total": tokens_total, "train_time": train_time,
             "val_loss": val_loss, "val_step": val_step,
+            # the running window of the next log line, so a resumed run logs what the
+            # uninterrupted one does (its timing aside)
+            "loss_window": {"loss_sum": loss_sum.item(), "steps": steps_logged,
+                            "tokens": tokens, "elapsed": time.perf_counter() - t_log},
         })
 
     if device.type == "cuda":
@@ -272,6 +284,11 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     bar = tqdm(total=total_steps, initial=step, desc=run_dir.name, unit="step", mininterval=1)
     loss_sum = torch.zeros((), device=device)  # summed on device: no host sync per step
     tokens, steps_logged, t_log = 0, 0, time.perf_counter()  # since the last log line
+    if ckpt is not None and "loss_window" in ckpt:
+        window = ckpt["loss_window"]
+        loss_sum.fill_(window["loss_sum"])
+        tokens, steps_logged = window["tokens"], window["steps"]
+        t_log -= window["elapsed"]
     budget = TimeBudget(cfg.max_time_min, step, device)
     while epoch < cfg.epochs and step < total_steps:
         batches = length_grouped_batches(lengths, cfg.batch_size, cfg.seed, epoch)
@@ -365,5 +382,6 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     }
     tracker.summary({**metrics, "trainable_params": summary["trainable_params"]})
     tracker.finish()
+    summary["artifacts"] = rundir.checksums(run_dir)
     rundir.write_json(summary_path, summary)
     return summary

@@ -27,6 +27,8 @@ def test_decode_writes_predictions_and_metrics_into_the_run(run_dir, capsys):
     metrics = rundir.read_json(run_dir / rundir.SUMMARY)["metrics"]
     assert set(metrics) >= {"val_loss", "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr", "decode_s"}
     assert metrics["BLEU"] == printed["BLEU"] and 0 <= metrics["ROUGE_L"] <= 1
+    artifacts = rundir.read_json(run_dir / rundir.SUMMARY)["artifacts"]  # vouches for them now
+    assert artifacts[rundir.PREDICTIONS] == rundir.sha256(run_dir / rundir.PREDICTIONS)
     assert main(["score", f"run={run_dir}"]) == 0  # re-scoring the same file gives the same
     rescored = json.loads(capsys.readouterr().out)
     assert all(rescored[k] == pytest.approx(printed[k]) for k in rescored)

@@ -142,20 +142,19 @@ def test_killed_run_resumes_to_the_same_adapter(tmp_path, monkeypatch):
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
     steps = [json.loads(x)["step"] for x in (tmp_path / "resumed" / rundir.METRICS).open()]
     assert steps == sorted(steps) and summary["steps"] > 10
-    # The metrics carry over the restart: steps, validation losses, tokens seen; the first
-    # train loss after it is the mean of step 10 alone (the whole run's, of steps 9 and 10).
-    whole, resumed = (_losses(tmp_path / run / rundir.METRICS) for run in ("whole", "resumed"))
-    assert [x[:3] for x in resumed] == [x[:3] for x in whole]
-    assert [x[3] for x in resumed] == pytest.approx([x[3] for x in whole], rel=0.05)
+    # The metrics carry over the restart exactly, timings aside: the checkpoint at step 9 (not
+    # a log step) keeps the loss window, so step 10 logs the mean of steps 9 and 10 again.
+    whole, resumed = (_untimed(tmp_path / run / rundir.METRICS) for run in ("whole", "resumed"))
+    assert resumed == whole and any("train_loss" in x for x in whole)
     whole_summary = rundir.read_json(tmp_path / "whole" / rundir.SUMMARY)
     assert summary["train_tokens"] == whole_summary["train_tokens"]
     assert summary["metrics"] == whole_summary["metrics"]
 
 
-def _losses(metrics: Path) -> list[tuple]:
-    """(step, epoch, val_loss, train_loss) per line of a metrics.jsonl."""
+def _untimed(metrics: Path) -> list[dict]:
+    """The lines of a metrics.jsonl without their timing fields."""
     rows = [json.loads(x) for x in metrics.read_text().splitlines()]
-    return [(r["step"], r["epoch"], r.get("val_loss"), r.get("train_loss", 0)) for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "time")} for r in rows]
 
 
 def test_gradient_accumulation_averages_a_short_last_group(tmp_path):

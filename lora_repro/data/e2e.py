@@ -69,6 +69,24 @@ def linearize_mr(mr: str) -> str:
     return linearize_slots(parse_mr(mr))
 
 
+def _check_columns(path: Path, fieldnames: list[str] | None) -> list[str]:
+    columns = [c.strip().lower() for c in fieldnames or []]
+    if "mr" not in columns or "ref" not in columns:
+        raise UserError(
+            f"{path}: an E2E CSV needs columns 'mr' and 'ref', found {columns} "
+            "(the test file with references is testset_w_refs.csv)"
+        )
+    return columns
+
+
+def check_header(path: Path, text: str) -> None:
+    """A cheap look at an E2E CSV's text: the `mr,ref` header and at least one row below it."""
+    lines = iter(text.splitlines())
+    _check_columns(path, next(csv.reader(lines), None))
+    if not any(line.strip() for line in lines):
+        raise UserError(f"{path} holds only its header; give a file with at least one row")
+
+
 def e2e_example(mr: str, ref: str, prepare: Callable[[str], str] | None = None) -> Example:
     """One MR and reference -> an `Example`; `prepare` (e.g. a tokenizer of
     `lora_repro.data.references`) is applied to every MR value and to the reference.
@@ -93,12 +111,7 @@ def read_e2e_csv(path: Path, prepare: Callable[[str], str] | None = None) -> lis
     """
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
-        columns = [c.strip().lower() for c in reader.fieldnames or []]
-        if "mr" not in columns or "ref" not in columns:
-            raise UserError(
-                f"{path}: an E2E CSV needs columns 'mr' and 'ref', found {columns} "
-                "(the test file with references is testset_w_refs.csv)"
-            )
+        columns = _check_columns(path, reader.fieldnames)
         mr_key, ref_key = (reader.fieldnames[columns.index(c)] for c in ("mr", "ref"))
         examples = []
         for row in reader:

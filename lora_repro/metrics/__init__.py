@@ -34,6 +34,8 @@ __all__ = ["E2E_METRICS", "check_metrics", "read_hyps", "read_refs_csv", "score_
 def _read_lines(path: str | Path, what: str) -> list[str]:
     """Stripped lines as measure_scores.read_lines: UTF-8, Unicode line breaks, no BOM strip."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{what} file {path} is a directory; give the file in it")
     if not path.is_file():
         raise UserError(f"{what} file not found: {path}")
     try:
@@ -47,9 +49,17 @@ def _read_lines(path: str | Path, what: str) -> list[str]:
     return lines
 
 
-def read_hyps(path: str | Path) -> list[str]:
-    """One hypothesis per line, stripped; blank lines are kept as empty outputs."""
-    return _read_lines(path, "hypothesis")
+def read_hyps(path: str | Path, expected: int | None = None) -> list[str]:
+    """One hypothesis per line, stripped; blank lines are kept as empty outputs.
+
+    With `expected` (the number of sources), blank lines at the end beyond that many are
+    dropped: they cannot be outputs. (measure_scores.py keeps them and fails its length
+    assert; a file saved with an extra newline then scores as without it.)"""
+    lines = _read_lines(path, "hypothesis")
+    if expected is not None:
+        while len(lines) > expected and not lines[-1]:
+            lines.pop()
+    return lines
 
 
 def _column(header: list[str], pattern: re.Pattern, name: str, path: Path) -> int:
