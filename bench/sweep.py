@@ -237,9 +237,9 @@ def report(args, rows, job_rows, skipped, total_s, n_sweep, note) -> dict:
     env = common.environment(torch.device("cpu"))
     if torch.cuda.is_available() and not args.tiny:
         env["device"] = f"{torch.cuda.get_device_name(0)} x {torch.cuda.device_count()}"
+    grid = "tiny: rank=1,2 x qv" if args.tiny else "rank=1,2,4,8,64 x targets=qv,qkvo"
     notes = [
-        f"{n_sweep}-job sweep ({'tiny: rank=1,2 x qv' if args.tiny else 'rank=1,2,4,8,64 x '
-                                 'targets=qv,qkvo'}), {note}; each part is one "
+        f"{n_sweep}-job sweep ({grid}), {note}; each part is one "
         "`python -m lora_repro.train -m ...` command with the parallel launcher. Aggregate: "
         "the jobs' real tokens/s summed over the time the most of them trained at once (from "
         "their timed metrics lines; the first log interval, which holds compilation, left "
