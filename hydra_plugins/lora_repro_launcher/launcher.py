@@ -142,12 +142,13 @@ class _Sweep:
         for slot in free:
             self.free.put(slot)
         self.lock = threading.Lock()
-        self.failed = 0
+        self.failed = 0  # counted under self.lock
         self.bar = tqdm(total=len(jobs), desc="sweep", unit="job", file=sys.stderr,
                         dynamic_ncols=True, disable=None)  # no bar when not a terminal
 
     def say(self, line: str, error: bool = False) -> None:
         with self.lock:
+            self.failed += error
             self.bar.write(line, file=sys.stderr if error else sys.stdout)
 
     def run(self) -> list[JobReturn]:
@@ -157,7 +158,12 @@ class _Sweep:
                  + (f" ({self.n_slots // len(gpus)} per GPU on GPUs {','.join(gpus)})"
                     if gpus else " on CPU"))
         with ThreadPoolExecutor(max_workers=self.n_slots) as pool:
-            returns = list(pool.map(self.run_job, self.jobs))
+            futures = [pool.submit(self.run_job, job) for job in self.jobs]
+            try:
+                returns = [f.result() for f in futures]
+            except KeyboardInterrupt:  # the running jobs got the Ctrl-C too; start no more
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
         self.bar.close()
         self.say(f"sweep: {len(self.jobs)} jobs in {time.time() - t0:.0f} s, "
                  f"{self.failed} failed")
@@ -180,8 +186,11 @@ class _Sweep:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if slot is not None:
             env["CUDA_VISIBLE_DEVICES"] = slot
-            # Data collation is all the CPU work of a GPU job; threads x jobs <= cores.
-            env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // self.n_slots)))
+            # The cores are shared: a GPU job's CPU work (data collation; compiling kernels,
+            # in inductor's worker pool) gets its share, so threads x jobs <= cores.
+            share = str(max(1, (os.cpu_count() or 1) // self.n_slots))
+            env.setdefault("OMP_NUM_THREADS", share)
+            env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)
         return env
 
     def execute(self, job: dict, slot: str | None) -> Any:
@@ -197,7 +206,6 @@ class _Sweep:
             rc = subprocess.run([sys.executable, "-m", WORKER, str(payload)], env=self.env(slot),
                                 stdout=early, stderr=subprocess.STDOUT).returncode
         if marker.is_file() and marker.stat().st_mtime >= started - 1:
-            self.failed += 1
             self.say(f"error: {marker.read_text().strip()}", error=True)
             return None
         if rc != 0 or not out.is_file():  # the process died (a kill, out of memory, a crash)
@@ -205,7 +213,6 @@ class _Sweep:
                 job_dir / LOG, payload.with_suffix(".log"), since=started)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(line + "\n")
-            self.failed += 1
             self.say(f"error: {line}", error=True)
             return None
         summary = json.loads((job_dir / "summary.json").read_text())
