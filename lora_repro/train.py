@@ -198,8 +198,11 @@ def sweep_failures(args: list[str], since: float) -> list[str]:
         sweep_dir = Path(cfg.hydra.sweep.dir)
     except Exception:  # a sweep syntax compose() does not take: nothing more to report
         return []
-    markers = (sweep_dir / FAILED).glob("*")
-    return sorted(m.read_text().strip() for m in markers if m.stat().st_mtime >= since - 1)
+    markers = [m for m in (sweep_dir / FAILED).glob("*") if m.stat().st_mtime >= since - 1]
+    # A job refused because another sweep held it, and then completed by that sweep, is done.
+    done = [m for m in markers if (m.parent.parent / m.name / "summary.json").is_file()
+            and (m.parent.parent / m.name / "summary.json").stat().st_mtime > m.stat().st_mtime]
+    return sorted(m.read_text().strip() for m in markers if m not in done)
 
 
 if __name__ == "__main__":

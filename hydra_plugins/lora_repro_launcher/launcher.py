@@ -87,7 +87,11 @@ class ParallelLauncher(Launcher):
 
     def launch(self, job_overrides: Sequence[Sequence[str]],
                initial_job_idx: int) -> Sequence[JobReturn]:
-        gpus = visible_gpus() if self.gpus is None else list(self.gpus)
+        gpus = self.gpus
+        if gpus is None:
+            gpus = visible_gpus()
+        elif isinstance(gpus, (int, str)):  # gpus=1 or gpus="0,1" rather than a list
+            gpus = [g for g in str(gpus).split(",") if g.strip()]
         free = slots(gpus, self.per_gpu, self.workers)
         if free == [None]:  # CPU, one at a time: in this process, as Hydra's basic launcher
             from hydra._internal.core_plugins.basic_launcher import BasicLauncher
@@ -203,9 +207,13 @@ class _Sweep:
         started = time.time()
         self.say(f"{job_dir}: started on {where(slot)}")
         with payload.with_suffix(".log").open("w") as early:  # anything before train.log opens
-            rc = subprocess.run([sys.executable, "-m", WORKER, str(payload)], env=self.env(slot),
-                                stdout=early, stderr=subprocess.STDOUT).returncode
-        if marker.is_file() and marker.stat().st_mtime >= started - 1:
+            proc = subprocess.Popen([sys.executable, "-m", WORKER, str(payload)],
+                                    env=self.env(slot), stdout=early, stderr=subprocess.STDOUT)
+            rc = proc.wait()
+        summary_path = job_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        ran = summary.get("pid") == proc.pid and (summary.get("ended_at") or 0) >= started
+        if not ran and marker.is_file() and marker.stat().st_mtime >= started - 1:
             self.say(f"error: {marker.read_text().strip()}", error=True)
             return None
         if rc != 0 or not out.is_file():  # the process died (a kill, out of memory, a crash)
@@ -215,13 +223,12 @@ class _Sweep:
             marker.write_text(line + "\n")
             self.say(f"error: {line}", error=True)
             return None
-        summary = json.loads((job_dir / "summary.json").read_text())
-        if (summary.get("ended_at") or 0) < started:
-            self.say(f"{job_dir}: complete (summary.json), skipped")
-        else:
+        if ran:
             rate = summary.get("train_tokens_per_s") or 0
             self.say(f"{result_line(job_dir, summary)} [{where(slot)}, {rate:,.0f} tokens/s, "
                      f"warm-up {summary.get('warmup_s') or 0:.0f} s]")
+        else:
+            self.say(f"{job_dir}: complete (summary.json), skipped")
         return json.loads(out.read_text())["value"]
 
 
