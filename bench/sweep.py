@@ -269,7 +269,8 @@ def report(args, rows, job_rows, skipped, total_s, n_sweep, note) -> dict:
                    ("warmup_s", "warm-up s", ".1f"), ("tokens_per_s", "tok/s", ",.0f"),
                    ("ms_per_step", "ms/step", ".1f"), ("peak_gib", "peak GiB", ".2f")]
     result = {
-        "title": "Sweep (mission sweep, parallel launcher, GPT-2 Medium shape, E2E, batch 8)",
+        "title": "Sweep (mission sweep, parallel launcher, GPT-2 Medium shape, E2E, batch 8)"
+        + (f", GPU sets {' vs '.join(args.gpus)}" if args.gpus and not args.tiny else ""),
         "command": "python -m bench.sweep" + (" --tiny" if args.tiny else "")
         + (f" --gpus {' '.join(args.gpus)}" if args.gpus and not args.tiny else ""),
         "environment": env, "notes": notes,
