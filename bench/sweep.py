@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import statistics
 import subprocess
@@ -225,6 +226,8 @@ def main(argv=None) -> dict:
     for row in rows:  # step time against a job alone (the sequential part's)
         if row["ms_per_step"] and alone_ms:
             row["vs_alone"] = row["ms_per_step"] / alone_ms
+    if args.work_dir is None:  # the runs and the compile cache of a temp dir are spent
+        shutil.rmtree(work, ignore_errors=True)
     return report(args, rows, job_rows, skipped, time.time() - t_start, n_sweep, steps_note(args))
 
 
