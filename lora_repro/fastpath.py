@@ -12,15 +12,22 @@ launches and Python, not by the GPU. The tricks, each one line of code:
    length; flash / memory-efficient attention have no such warm-up.
 4. Fused AdamW and bf16 autocast live in the trainer; losses stay on the device between log
    steps (no host sync per step).
+5. Compilation is paid once per shape, not once per job: inductor's FX graph cache and
+   AOTAutograd's cache live in a persistent directory (`COMPILE_CACHE`, or the
+   `TORCHINDUCTOR_CACHE_DIR` you set), shared by a sweep's jobs and by later sweeps.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
 from lora_repro.data import bucket_length, collate
 from lora_repro.data.encoding import IGNORE_INDEX
 
+COMPILE_CACHE = Path("~/.cache/lora_repro/inductor").expanduser()
 BUCKETS = (32, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 
 
@@ -42,8 +49,19 @@ def static_batch(
     return collate(features, pad_id, pad_to=bucket_length(longest, buckets))
 
 
+def persistent_compile_cache() -> Path:
+    """Point inductor's caches at a persistent directory (unless TORCHINDUCTOR_CACHE_DIR is
+    set) and turn on the FX graph and AOTAutograd caches; call before the first compile.
+    torch's own default is /tmp/torchinductor_<user>, which a reboot or tmp cleaner empties."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(COMPILE_CACHE))
+    torch._inductor.config.fx_graph_cache = True
+    torch._functorch.config.enable_autograd_cache = True
+    return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+
+
 def compile_loss(loss_fn, cuda_graphs: bool = True):
     """`loss_fn` compiled for training; with CUDA graphs call `step_begin()` every step."""
+    persistent_compile_cache()
     torch.backends.cuda.enable_cudnn_sdp(False)
     mode = "reduce-overhead" if cuda_graphs else "default"
     return torch.compile(loss_fn, mode=mode)

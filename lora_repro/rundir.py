@@ -22,10 +22,15 @@ Every file a reader may take for finished is written to a temporary name and ren
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
+import secrets
+import socket
 import subprocess
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -42,6 +47,7 @@ ADAPTER = "adapter.safetensors"
 METRICS = "metrics.jsonl"
 PREDICTIONS = "predictions.txt"
 CHECKPOINT = "checkpoints/last.pt"
+LOCK = ".lock"  # held (fcntl.flock) by the process running the job; names its holder
 TOKENIZER = "tokenizer"  # only for model.tokenizer=bpe, trained on the task
 MODEL = "model"  # method=full: the fine-tuned model as a Hugging Face directory
 FAILED = ".failed"  # <sweep dir>/.failed/<job>: the error line of a job that failed
@@ -54,13 +60,29 @@ def _not_identity(config: dict) -> tuple[str, ...]:
     return NOT_IDENTITY + (LORA_ONLY if config.get("method") == "full" else ())
 
 
+def temp_name(path: Path) -> Path:
+    """A temporary name beside `path`, unique to this writer (pid + random): two processes
+    that write the same file never share a temp file, so neither renames the other's away."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, mode: str):
+    """Open a unique temp file; on success fsync it and rename it over `path`."""
+    tmp = temp_name(path)
+    try:
+        with tmp.open(mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old or the new
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
+    with _atomic(path, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())  # on disk before the rename: a crash leaves the old file or the new
-    os.replace(tmp, path)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -138,12 +160,8 @@ def git_commit() -> str | None:
 
 def save_checkpoint(path: Path, state: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
+    with _atomic(path, "wb") as f:
         torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_checkpoint(path: Path) -> dict | None:
@@ -201,3 +219,55 @@ def failed_markers(sweep_dir: Path) -> list[Path]:
 def find_runs(root: Path) -> list[Path]:
     """Every job directory below `root` (a dir holding `run_config.json` or `summary.json`)."""
     return sorted({p.parent for name in (CONFIG, SUMMARY) for p in Path(root).rglob(name)})
+
+
+_HELD: dict[Path, int] = {}  # run dirs this process holds -> open lock file descriptor
+
+
+def is_held(run_dir: Path) -> bool:
+    """Whether a live process holds `run_dir` (see `hold`); this process's own hold counts."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _HELD:
+        return True
+    try:
+        fd = os.open(run_dir / LOCK, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # closing releases a lock taken here
+
+
+@contextlib.contextmanager
+def hold(run_dir: Path):
+    """Hold `run_dir` for this process: an exclusive `fcntl.flock` on `run_dir/.lock`, which
+    names the holder (pid, host, start time). Another process that asks for a held directory
+    gets a `UserError` naming the holder and changes nothing there. Re-entrant within a
+    process (the sweep launcher's worker holds the directory, then `train` asks again).
+    The lock dies with its process, so a killed job never leaves a stale lock."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _HELD:
+        yield
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UserError(f"{run_dir} is held by {holder}; wait for that job to end (or stop "
+                        "it), then rerun") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+    _HELD[run_dir] = fd
+    try:
+        yield
+    finally:
+        del _HELD[run_dir]
+        os.close(fd)  # releases the lock; the file stays (unlinking a lock file races)

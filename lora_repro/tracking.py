@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +84,8 @@ class Tracker:
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            # "time" (unix seconds) lets bench.sweep line up the jobs of a sweep
+            f.write(json.dumps({"step": step, "time": round(time.time(), 3), **metrics}) + "\n")
         if self.run is not None:
             self.run.log(metrics, step=step)
 

@@ -212,9 +212,11 @@ def _one_line(e: BaseException) -> str:
 
 def _remove_if_empty(run_dir: Path) -> None:
     """Remove a failed job's directory where it holds only what Hydra put there before the
-    job ran (its `train.log`, `.hydra/`): a refused job leaves nothing behind."""
-    if run_dir.is_dir() and all(p.name in ("train.log", ".hydra", f"{run_dir.name}.log")
-                                for p in run_dir.iterdir()):
+    job ran (its `train.log`, `.hydra/`) and the lock file of `rundir.hold`: a refused job
+    leaves nothing behind. A directory another process holds is left alone."""
+    if run_dir.is_dir() and not rundir.is_held(run_dir) and all(
+            p.name in ("train.log", ".hydra", f"{run_dir.name}.log", rundir.LOCK)
+            for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -256,8 +258,11 @@ def sweep_failures(args: list[str], since: float) -> list[str]:
         sweep_dir = Path(cfg.hydra.sweep.dir)
     except Exception:  # a sweep syntax compose() does not take: nothing more to report
         return []
-    markers = rundir.failed_markers(sweep_dir)
-    return sorted(m.read_text().strip() for m in markers if m.stat().st_mtime >= since - 1)
+    markers = [m for m in rundir.failed_markers(sweep_dir) if m.stat().st_mtime >= since - 1]
+    # A job refused because another sweep held it, and then completed by that sweep, is done.
+    done = [m for m in markers if (m.parent.parent / m.name / "summary.json").is_file()
+            and (m.parent.parent / m.name / "summary.json").stat().st_mtime > m.stat().st_mtime]
+    return sorted(m.read_text().strip() for m in markers if m not in done)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ test set, and writes `summary.json` last.
 from __future__ import annotations
 
 import math
+import os
 import random
+import socket
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -198,8 +200,14 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torc
 
 
 def train(cfg: TrainConfig, run_dir: Path) -> dict:
-    """Run (or resume, or skip if complete) one training job in `run_dir`; return its summary."""
-    run_dir = Path(run_dir)
+    """Run (or resume, or skip if complete) one training job in `run_dir`; return its summary.
+    The process holds `run_dir` throughout (`rundir.hold`): a second one gets a UserError."""
+    with rundir.hold(run_dir):
+        return _train(cfg, Path(run_dir))
+
+
+def _train(cfg: TrainConfig, run_dir: Path) -> dict:
+    """`train`'s body, run while the directory is held."""
     summary_path = run_dir / rundir.SUMMARY
     if summary_path.is_file():
         summary = rundir.read_json(summary_path)
@@ -217,7 +225,7 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
     autocast = autocast_for(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    t_start = time.perf_counter()
+    t_start, started_at, warmup_s, first_step_at = time.perf_counter(), time.time(), None, None
 
     # Data, then the model, before the run directory is written: a refused run leaves nothing.
     tokenizer, train_set, valid_set, test = load_data(cfg)
@@ -318,6 +326,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
             step += 1
             steps_logged += 1
             bar.update()
+            if warmup_s is None:  # this process's time to its first step: loading, compiling
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                warmup_s, first_step_at = time.perf_counter() - t_start, time.time()
             fitted = budget.fits(step, total_steps)
             if fitted != total_steps:  # the time budget shortens the run and its schedule
                 total_steps = schedule.total = bar.total = fitted
@@ -378,6 +390,10 @@ def train(cfg: TrainConfig, run_dir: Path) -> dict:
         if device.type == "cuda" else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "git_commit": rundir.git_commit(),
+        # When and where this process ran (a sweep's launcher and bench.sweep read them).
+        "warmup_s": warmup_s, "started_at": started_at, "first_step_at": first_step_at,
+        "ended_at": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "versions": {"torch": torch.__version__},
     }
     tracker.summary({**metrics, "trainable_params": summary["trainable_params"]})

@@ -39,3 +39,21 @@ def test_analysis_grid_tiny(tmp_path):
     assert list(rows) == ["fig3", "fig4", "table7+fig8", "erank", "total"]
     assert all(rows[name]["s"] == s > 0 for name, s in seconds.items())
     assert rows["total"]["s"] == pytest.approx(sum(seconds.values()))
+
+
+@pytest.mark.slow
+def test_sweep_tiny(tmp_path):
+    """Two sweep commands (parallel, sequential) with the CPU jobs injected as on GPU 0."""
+    from bench import sweep
+
+    out = tmp_path / "sweep.json"
+    result = sweep.main(["--tiny", "--out", str(out), "--work-dir", str(tmp_path / "w")])
+    assert json.loads(out.read_text())["title"] == result["title"]
+    parts, jobs = result["tables"][0]["rows"], result["tables"][1]["rows"]
+    assert [(p["part"], p["per_gpu"], p["jobs"]) for p in parts] == [
+        ("parallel", 2, 2), ("sequential", 1, 1)]
+    assert parts[0]["most_at_once_per_gpu"] <= 2 and parts[1]["most_at_once_per_gpu"] == 1
+    assert parts[0]["jobs_per_gpu"] == "0:2" and parts[1]["vs_alone"] == 1.0
+    assert sorted(j["job"] for j in jobs) == ["r1-qv-s1", "r1-qv-s1", "r2-qv-s1"]
+    assert all(j["warmup_s"] > 0 and j["tokens_per_s"] > 0 for j in jobs)
+    assert parts[0]["aggregate_tokens_per_s"] > 0 and parts[0]["wall_10_jobs_s"] > 0

@@ -1,0 +1,26 @@
+"""`hydra/launcher=parallel`: the launcher's options, registered with Hydra's ConfigStore."""
+
+
+from dataclasses import dataclass
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ParallelLauncherConf:
+    _target_: str = "hydra_plugins.lora_repro_launcher.launcher.ParallelLauncher"
+    # GPUs to use, as CUDA_VISIBLE_DEVICES entries ([0, 1]); null: every visible GPU;
+    # []: none (CPU). Env LORA_REPRO_GPUS="0,1" ("" for none) sets it too.
+    gpus: Any = None
+    # Jobs at once on each GPU (each job one process). Several small jobs share a GPU well:
+    # see bench/RESULTS.md, "Sweep".
+    per_gpu: int = 4
+    # Jobs at once without GPUs. 1 runs them one after another in this process, as
+    # Hydra's basic launcher does.
+    workers: int = 1
+
+
+ConfigStore.instance().store(
+    group="hydra/launcher", name="parallel", node=ParallelLauncherConf, provider="lora_repro"
+)

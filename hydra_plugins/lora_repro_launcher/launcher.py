@@ -1,0 +1,243 @@
+"""`hydra/launcher=parallel`: run a sweep's jobs side by side, `per_gpu` at once on each GPU.
+
+    python -m lora_repro.train -m rank=1,2,4,8,64 targets=qv,qkvo     # every visible GPU
+    python -m lora_repro.train -m ... hydra.launcher.gpus=[0,1] hydra.launcher.per_gpu=8
+
+One job at the paper's setting (GPT-2 Medium, batch 8, ~64 tokens) keeps a small part of a
+GPU busy, and several such processes on one GPU each train at nearly full speed
+(bench/RESULTS.md, "Sweep"). Each job runs in a fresh process (`worker.py`) that sees one GPU
+(`CUDA_VISIBLE_DEVICES`); jobs wait in a queue for a free slot, `per_gpu` slots per GPU
+(`workers` without GPUs). Each job's own output (its progress bar, warnings, a traceback)
+goes to `<job dir>/train.log`; the terminal gets one line per job as it starts and ends and
+one progress bar for the sweep. Without GPUs and with `workers=1` (the default on a CPU
+machine) the jobs run one after another in this process, exactly as Hydra's basic launcher.
+
+Why not hydra-joblib-launcher (the maintained parallel launcher): joblib's loky backend reuses
+its worker processes across jobs and gives no way to pin a job to a GPU. A CUDA context
+cannot move to another GPU inside a reused process, and a process that trains job after job
+also piles up torch.compile recompilations of the same loss function until dynamo's
+recompile limit (8) sends later jobs to eager mode. So: one fresh process per job, which also
+gives each job its own log file and makes a crash (OOM, a kill) end that job only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, filter_overrides, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+log = logging.getLogger(__name__)
+WORKER = "hydra_plugins.lora_repro_launcher.worker"
+LOG = "train.log"  # in the job dir, beside Hydra's own job log (same name: one file)
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs a sweep may use: env LORA_REPRO_GPUS ("0,1"; "" for none), else the entries of
+    CUDA_VISIBLE_DEVICES, else every GPU torch counts (NVML; no CUDA context is made)."""
+    for var in ("LORA_REPRO_GPUS", "CUDA_VISIBLE_DEVICES"):
+        if var in os.environ:
+            return [g.strip() for g in os.environ[var].split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def slots(gpus: Sequence[Any], per_gpu: int, workers: int) -> list[str | None]:
+    """One entry per job that may run at once: each GPU `per_gpu` times (interleaved, so a
+    short sweep spreads over all GPUs), or `workers` CPU slots (None)."""
+    if per_gpu < 1 or workers < 1:
+        raise ValueError(f"hydra.launcher.per_gpu={per_gpu}, workers={workers}: must be >= 1")
+    if not gpus:
+        return [None] * workers
+    return [str(g) for _ in range(per_gpu) for g in gpus]
+
+
+def where(slot: str | None) -> str:
+    return "CPU" if slot is None else f"GPU {slot}"
+
+
+class ParallelLauncher(Launcher):
+    def __init__(self, gpus: Any = None, per_gpu: int = 4, workers: int = 1) -> None:
+        self.gpus, self.per_gpu, self.workers = gpus, per_gpu, workers
+        self.config: DictConfig | None = None
+        self.task_function: TaskFunction | None = None
+        self.hydra_context: HydraContext | None = None
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction,
+              config: DictConfig) -> None:
+        self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
+
+    def launch(self, job_overrides: Sequence[Sequence[str]],
+               initial_job_idx: int) -> Sequence[JobReturn]:
+        gpus = self.gpus
+        if gpus is None:
+            gpus = visible_gpus()
+        elif isinstance(gpus, (int, str)):  # gpus=1 or gpus="0,1" rather than a list
+            gpus = [g for g in str(gpus).split(",") if g.strip()]
+        free = slots(gpus, self.per_gpu, self.workers)
+        if free == [None]:  # CPU, one at a time: in this process, as Hydra's basic launcher
+            from hydra._internal.core_plugins.basic_launcher import BasicLauncher
+
+            basic = BasicLauncher()
+            basic.setup(hydra_context=self.hydra_context, task_function=self.task_function,
+                        config=self.config)
+            return basic.launch(job_overrides, initial_job_idx)
+        setup_globals()
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix="lora_repro_sweep_") as tmp:
+            jobs = [self._prepare(initial_job_idx + i, list(o), Path(tmp))
+                    for i, o in enumerate(job_overrides)]
+            return _Sweep(jobs, free).run()
+
+    def _prepare(self, idx: int, overrides: list[str], tmp: Path) -> dict:
+        """The job's config, directory and a pickled payload for its worker process."""
+        config = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
+        with open_dict(config):
+            config.hydra.job.id = idx
+            config.hydra.job.num = idx
+        saved = HydraConfig.instance().cfg
+        HydraConfig.instance().set_config(config)  # ${hydra:...} in the sweep dir resolves
+        job_dir = Path(str(OmegaConf.select(config, "hydra.sweep.dir"))) / str(
+            OmegaConf.select(config, "hydra.sweep.subdir"))
+        HydraConfig.instance().cfg = saved
+        task = self.task_function
+        module = task.__module__  # `python -m pkg.app` runs it as __main__: import pkg.app
+        if module == "__main__" and getattr(sys.modules["__main__"], "__spec__", None):
+            module = sys.modules["__main__"].__spec__.name
+        payload = tmp / f"job{idx}.pkl"
+        payload.write_bytes(pickle.dumps({
+            "hydra_context": self.hydra_context, "config": config,
+            # resolvers are functions: the worker gets them by importing the task's module
+            "singletons": Singleton.get_state()["instances"], "task": (module, task.__name__),
+            "job_dir": str(job_dir),
+        }))
+        log.info(f"#{idx} : {' '.join(filter_overrides(overrides))}")
+        return {"idx": idx, "overrides": overrides, "config": config, "dir": job_dir,
+                "payload": payload}
+
+
+class _Sweep:
+    """Runs prepared jobs in worker processes, one per free slot, and reports each."""
+
+    def __init__(self, jobs: list[dict], free: list[str | None]):
+        from tqdm.auto import tqdm
+
+        self.jobs, self.n_slots = jobs, len(free)
+        self.free: queue.Queue = queue.Queue()
+        for slot in free:
+            self.free.put(slot)
+        self.lock = threading.Lock()
+        self.failed = 0  # counted under self.lock
+        self.bar = tqdm(total=len(jobs), desc="sweep", unit="job", file=sys.stderr,
+                        dynamic_ncols=True, disable=None)  # no bar when not a terminal
+
+    def say(self, line: str, error: bool = False) -> None:
+        with self.lock:
+            self.failed += error
+            self.bar.write(line, file=sys.stderr if error else sys.stdout)
+
+    def run(self) -> list[JobReturn]:
+        t0 = time.time()
+        gpus = sorted({s for s in list(self.free.queue) if s is not None})
+        self.say(f"sweep: {len(self.jobs)} jobs, {self.n_slots} at a time"
+                 + (f" ({self.n_slots // len(gpus)} per GPU on GPUs {','.join(gpus)})"
+                    if gpus else " on CPU"))
+        with ThreadPoolExecutor(max_workers=self.n_slots) as pool:
+            futures = [pool.submit(self.run_job, job) for job in self.jobs]
+            try:
+                returns = [f.result() for f in futures]
+            except KeyboardInterrupt:  # the running jobs got the Ctrl-C too; start no more
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
+        self.bar.close()
+        self.say(f"sweep: {len(self.jobs)} jobs in {time.time() - t0:.0f} s, "
+                 f"{self.failed} failed")
+        return returns
+
+    def run_job(self, job: dict) -> JobReturn:
+        slot = self.free.get()  # a pool thread always finds one: as many threads as slots
+        try:
+            value = self.execute(job, slot)
+        finally:
+            self.free.put(slot)
+            with self.lock:
+                self.bar.update()
+        config = job["config"]
+        return JobReturn(overrides=job["overrides"], cfg=config, hydra_cfg=config,
+                         working_dir=os.getcwd(), task_name=str(config.hydra.job.name),
+                         status=JobStatus.COMPLETED, _return_value=value)
+
+    def env(self, slot: str | None) -> dict[str, str]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if slot is not None:
+            env["CUDA_VISIBLE_DEVICES"] = slot
+            # The cores are shared: a GPU job's CPU work (data collation; compiling kernels,
+            # in inductor's worker pool) gets its share, so threads x jobs <= cores.
+            share = str(max(1, (os.cpu_count() or 1) // self.n_slots))
+            env.setdefault("OMP_NUM_THREADS", share)
+            env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)
+        return env
+
+    def execute(self, job: dict, slot: str | None) -> Any:
+        """Run one job's worker; print its end line; return the task's return value."""
+        from lora_repro.train import FAILED, result_line
+
+        job_dir, payload = job["dir"], job["payload"]
+        marker = job_dir.parent / FAILED / job_dir.name
+        out = payload.with_suffix(".out")
+        started = time.time()
+        self.say(f"{job_dir}: started on {where(slot)}")
+        with payload.with_suffix(".log").open("w") as early:  # anything before train.log opens
+            proc = subprocess.Popen([sys.executable, "-m", WORKER, str(payload)],
+                                    env=self.env(slot), stdout=early, stderr=subprocess.STDOUT)
+            rc = proc.wait()
+        summary_path = job_dir / "summary.json"
+        summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        ran = summary.get("pid") == proc.pid and (summary.get("ended_at") or 0) >= started
+        if not ran and marker.is_file() and marker.stat().st_mtime >= started - 1:
+            self.say(f"error: {marker.read_text().strip()}", error=True)
+            return None
+        if rc != 0 or not out.is_file():  # the process died (a kill, out of memory, a crash)
+            line = f"{job_dir.name}: its process exited with code {rc}: " + _last_line(
+                job_dir / LOG, payload.with_suffix(".log"), since=started)
+            marker.parent.mkdir(parents=True, exist_ok=True)
+            marker.write_text(line + "\n")
+            self.say(f"error: {line}", error=True)
+            return None
+        if ran:
+            rate = summary.get("train_tokens_per_s") or 0
+            self.say(f"{result_line(job_dir, summary)} [{where(slot)}, {rate:,.0f} tokens/s, "
+                     f"warm-up {summary.get('warmup_s') or 0:.0f} s]")
+        else:
+            self.say(f"{job_dir}: complete (summary.json), skipped")
+        return json.loads(out.read_text())["value"]
+
+
+def _last_line(*logs: Path, since: float) -> str:
+    """The last non-empty line of the first log written since `since` (a traceback's last)."""
+    for path in logs:
+        if path.is_file() and path.stat().st_mtime >= since - 1:
+            lines = [x.strip() for x in path.read_text(errors="replace").splitlines()]
+            lines = [x for x in lines if x]
+            if lines:
+                return lines[-1][-300:].split("\r")[-1]
+    return "no output"

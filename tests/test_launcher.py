@@ -1,0 +1,109 @@
+"""The parallel sweep launcher (`hydra/launcher=parallel`), job directory locks, temp names.
+
+Each job of a parallel sweep is a fresh process: these tests start several, so they are few.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hydra_plugins.lora_repro_launcher.launcher import slots
+from lora_repro import rundir
+from lora_repro.lora import read_adapter
+from lora_repro.train import compose_config
+from lora_repro.trainer import train
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["+experiment=smoke", "max_steps=4", "task.n_train=40", "task.n_valid=8",
+         "eval.test=false", "logger.wandb.mode=disabled", "logger.every=2"]
+
+
+def cli(*args, timeout=600):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    return subprocess.run([sys.executable, "-m", "lora_repro.train", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def adapters(sweep: Path) -> dict[str, dict]:
+    """{job name without the shared overrides: adapter tensors} of each complete job."""
+    return {p.name.split("_")[0]: read_adapter(p / rundir.ADAPTER)[0]
+            for p in sweep.iterdir() if (p / rundir.SUMMARY).is_file()}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_slots_give_each_gpu_per_gpu_places():
+    assert slots(["0", "1"], per_gpu=2, workers=8) == ["0", "1", "0", "1"]
+    assert slots([], per_gpu=4, workers=2) == [None, None]
+    with pytest.raises(ValueError, match="per_gpu=0"):
+        slots(["0"], per_gpu=0, workers=1)
+
+
+@pytest.mark.slow
+def test_parallel_sweep_equals_sequential_and_alone(tmp_path):
+    grid = ["rank=1,2", "targets=qv,qkvo"]
+    seq = cli("-m", *QUICK, *grid, f"hydra.sweep.dir={tmp_path / 'seq'}")
+    assert seq.returncode == 0, seq.stderr[-2000:]
+    par = cli("-m", *QUICK, *grid, "hydra.launcher.workers=2",
+              f"hydra.sweep.dir={tmp_path / 'par'}")
+    assert par.returncode == 0, par.stderr[-2000:]
+    a, b = adapters(tmp_path / "seq"), adapters(tmp_path / "par")
+    assert sorted(a) == ["r1-qkvo-s1", "r1-qv-s1", "r2-qkvo-s1", "r2-qv-s1"] == sorted(b)
+    assert all(same(a[job], b[job]) for job in a)  # bit for bit
+    train(compose_config([*QUICK, "rank=2", "targets=qkvo"]), tmp_path / "alone")
+    assert same(read_adapter(tmp_path / "alone" / rundir.ADAPTER)[0], b["r2-qkvo-s1"])
+    for job in (tmp_path / "par").iterdir():  # each job's own output is in its train.log
+        if job.is_dir() and not job.name.startswith("."):
+            assert job.name in (job / "train.log").read_text()
+            assert f"{job}: val_loss" in par.stdout and f"{job}: started on CPU" in par.stdout
+
+
+@pytest.mark.slow
+def test_injected_gpus_run_at_most_per_gpu_jobs_on_each_and_a_failed_job_is_named(tmp_path):
+    # 4 jobs, slots GPU 0, 1, 0, 1: all start at once, two on each GPU. r200 fails (rank >
+    # d_model, found when LoRA meets the model); the others complete.
+    out = cli("-m", *QUICK, "rank=1,2,4,200", "hydra.launcher.gpus=[0,1]",
+              "hydra.launcher.per_gpu=2", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: 1 job(s) of the sweep failed: r200-qv-s1") and "rank=200" in last
+    assert "error: r200-qv-s1" in out.stderr and (tmp_path / ".failed").is_dir()
+    records = [json.loads(p.read_text()) for p in tmp_path.glob(f"*/{rundir.SUMMARY}")]
+    assert sorted(r["config"]["rank"] for r in records) == [1, 2, 4]
+    assert {r["cuda_visible_devices"] for r in records} == {"0", "1"}
+    for gpu in ("0", "1"):  # the most jobs alive at once on the GPU, from their own records
+        spans = [(r["started_at"], r["ended_at"]) for r in records
+                 if r["cuda_visible_devices"] == gpu]
+        most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+        assert 1 <= most <= 2
+    assert "started on GPU 0" in out.stdout and "started on GPU 1" in out.stdout
+
+
+def test_a_held_job_dir_refuses_a_second_process_and_changes_nothing(tmp_path):
+    job = tmp_path / "job"
+    with rundir.hold(job):
+        (job / rundir.CONFIG).write_text("{}\n")
+        before = {p: p.stat().st_mtime_ns for p in job.rglob("*")}
+        out = cli(*QUICK, f"hydra.run.dir={job}", timeout=300)
+        assert out.returncode == 2
+        errors = [line for line in out.stderr.splitlines() if line.strip()]
+        assert len(errors) == 1 and f"is held by pid {os.getpid()}" in errors[0], out.stderr
+        assert {p: p.stat().st_mtime_ns for p in job.rglob("*")} == before
+    with rundir.hold(job), rundir.hold(job):  # free again, and re-entrant in one process
+        pass
+
+
+def test_atomic_writes_use_a_temp_name_per_writer(tmp_path):
+    names = {rundir.temp_name(tmp_path / "last.pt") for _ in range(3)}
+    assert len(names) == 3 and all(str(os.getpid()) in n.name for n in names)
+    rundir.write_atomic(tmp_path / "a.txt", "x")
+    rundir.save_checkpoint(tmp_path / "c" / "last.pt", {"step": 1})
+    assert (tmp_path / "a.txt").read_text() == "x" and not list(tmp_path.rglob("*.tmp"))
