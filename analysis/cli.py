@@ -184,9 +184,13 @@ def manifest_path(out: Path, command: str) -> Path:
 
 
 def run_stamps(runs: Iterable) -> dict[str, int]:
-    """Job dir -> mtime (ns) of its summary.json: a manifest is stale when these change."""
-    return {str(run.path.resolve()): (run.path / "summary.json").stat().st_mtime_ns
-            for run in runs}
+    """Job dir -> mtime (ns) of its summary.json (a peft adapter directory: of its
+    adapter_config.json): a manifest is stale when these change."""
+    def stamp(path: Path) -> int:
+        summary = path / "summary.json"
+        return (summary if summary.is_file() else path / "adapter_config.json").stat().st_mtime_ns
+
+    return {str(run.path.resolve()): stamp(run.path) for run in runs}
 
 
 def write_manifest(out: Path, command: str, runs: Iterable, files: Sequence[Path],

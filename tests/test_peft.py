@@ -148,11 +148,11 @@ def test_peft_trained_adapter_imports_with_peft_delta_weights(base_dir, tmp_path
     figs = tmp_path / "figs"
     assert subspace.main([str(tmp_path / "sweep"), "--out", str(figs), "--layers", "1",
                           "--matrices", "k"]) == 0
-    grid = pd.read_csv(figs / "subspace_s3_vs_s4_sweep_layer1_dWk_layer_1.csv", index_col=0)
+    grid = pd.read_csv(figs / "s3_vs_s4_layer1_dWk_layer_1.csv", index_col=0)
     assert abs(grid.to_numpy().diagonal() - 1).max() < 1e-9
     assert amplification.main([str(tmp_path / "sweep"), "--out", str(figs), "--layers", "1",
                                "--matrices", "k"]) == 0
-    column = pd.read_csv(figs / "table7_sweep_k.csv", index_col=[0, 1])["r = 4"].to_numpy()
+    column = pd.read_csv(figs / "table7_k.csv", index_col=[0, 1])["r = 4"].to_numpy()
     assert column[4] == pytest.approx(float(dw[(0, "k")].norm()), rel=1e-5)  # ||dW_k||_F
 
 
@@ -236,7 +236,7 @@ def test_analysis_reads_an_exported_adapter_next_to_its_run(run_dir, tmp_path):
     assert subspace.main([str(sweep), "--out", str(figs), "--layers", "2"]) == 0
     for layer in (2,):
         for m in "qv":
-            grid = pd.read_csv(figs / f"subspace_s1_vs_s2_mixed_layer{layer}_dW{m}_layer_"
+            grid = pd.read_csv(figs / f"s1_vs_s2_layer{layer}_dW{m}_layer_"
                                f"{layer}.csv", index_col=0).to_numpy()
             assert grid.shape == (4, 4)
             assert abs(grid.diagonal() - 1).max() < 1e-9  # the same A: phi = 1
@@ -245,7 +245,7 @@ def test_analysis_reads_an_exported_adapter_next_to_its_run(run_dir, tmp_path):
     only_peft = tmp_path / "only_peft"
     shutil.copytree(sweep / "r4-qv-peft-s2", only_peft / "r4-qv-peft-s2")
     assert amplification.main([str(only_peft), "--out", str(figs / "peft"), "--layers", "2"]) == 0
-    table = pd.read_csv(figs / "table7_mixed_q.csv", index_col=[0, 1])
-    alone = pd.read_csv(figs / "peft" / "table7_only_peft_q.csv", index_col=[0, 1])
+    table = pd.read_csv(figs / "table7_q.csv", index_col=[0, 1])
+    alone = pd.read_csv(figs / "peft" / "table7_q.csv", index_col=[0, 1])
     assert table.to_numpy() == pytest.approx(alone.to_numpy(), rel=1e-5)  # same dW, same W
     assert (sweep / "r4-qv-peft-s2" / rundir.ADAPTER).exists() is False
