@@ -208,3 +208,24 @@ def test_cli_dart_errors_are_one_line(tmp_path, capsys):
     assert main(["score", "--task", "dart", "--refs", str(tmp_path / "test.json"),
                  "--hyp", str(tmp_path / "hyp.txt"), "--metrics", "BLEU,TER"]) == 0
     assert json.loads(capsys.readouterr().out) == {"BLEU": 0.0, "TER": 0.0}
+
+
+def _web_summary(seed, task="webnlg", **metrics):
+    return {"config": {"model": "gpt2-medium", "task": task, "targets": "qv", "rank": 4,
+                       "seed": seed}, "metrics": metrics, "trainable_params": 350_208}
+
+
+def test_table13_seen_unseen_all_and_table14():
+    from analysis import tables as T
+
+    parts = {"BLEU_S": 0.62, "BLEU_U": 0.45, "BLEU": 0.55, "METEOR_S": 0.44, "METEOR_U": 0.38,
+             "METEOR": 0.41, "TER_S": 0.35, "TER_U": 0.53, "TER": 0.43}
+    runs = [_web_summary(1, **parts), _web_summary(2, **(parts | {"BLEU_U": 0.47}))]
+    table = T.table13(runs)
+    row = table.iloc[0]
+    assert row["BLEU U"] == "46.0±1.4"  # mean 46.0, sample std 1.41 (x100)
+    assert (row["BLEU S"], row["BLEU A"]) == ("62.0±.0", "55.0±.0")
+    assert (row["MET S"], row["TER U"], row["TER A"]) == ("0.44±.00", "0.53±.00", "0.43±.00")
+    assert row["# Trainable Parameters"] == "0.35M"
+    dart = T.table14([_web_summary(1, "dart", BLEU=0.47, METEOR=0.39, TER=0.46)])
+    assert list(dart.iloc[0]) == ["0.35M", "47.0", "0.39", "0.46"]
