@@ -1,4 +1,5 @@
-"""The LoRA paper's result tables from run summaries (Hu et al. 2021, Tables 3, 5-6 and 18).
+"""The LoRA paper's result tables from run summaries (Hu et al. 2021, Tables 3, 5-6, 13, 14
+and 18).
 
 A run summary is a dict as `summary.json` holds it (see `lora_repro.rundir`)::
 
@@ -33,7 +34,7 @@ from lora_repro.rundir import flat_identity, write_atomic
 CONFIG = ("model", "task", "method", "targets", "rank", "setting")  # one row of a table
 # The identity keys that CONFIG's columns (and seed) already stand for.
 CONFIG_KEYS = ("model.id", "task.name", "method", "targets", "rank", "seed")
-FRACTIONS = ("BLEU", "METEOR", "ROUGE_L")  # in 0..1 in summaries
+FRACTIONS = ("BLEU", "METEOR", "ROUGE_L", "BLEU_S", "BLEU_U", "METEOR_S", "METEOR_U")  # 0..1
 # metric -> (scale, decimals) as each table prints it.
 TABLE3_FORMAT = {"BLEU": (100, 1), "NIST": (1, 2), "METEOR": (100, 1), "ROUGE_L": (100, 1),
                  "CIDEr": (1, 2)}
@@ -41,6 +42,13 @@ TABLE18_FORMAT = {"val_loss": (1, 2), "BLEU": (100, 2), "NIST": (1, 4), "METEOR"
                   "ROUGE_L": (1, 4), "CIDEr": (1, 4)}
 HEADERS = {"BLEU": "BLEU", "NIST": "NIST", "METEOR": "MET", "ROUGE_L": "ROUGE-L",
            "CIDEr": "CIDEr", "val_loss": "Val Loss"}
+# Tables 13 (WebNLG) and 14 (DART): GenerationEval's metrics as the paper prints them; Table 13
+# per part: seen (S, key suffix "_S"), unseen (U, "_U") and all (A, no suffix) categories.
+WEBNLG_DART_FORMAT = {"BLEU": (100, 1), "METEOR": (1, 2), "TER": (1, 2)}
+PARTS = {"S": "_S", "U": "_U", "A": ""}
+HEADERS |= {"TER": "TER"} | {f"{m}{suffix}": f"{HEADERS.get(m, m)} {part}"
+                             for m in WEBNLG_DART_FORMAT for part, suffix in PARTS.items()
+                             if suffix}
 MODEL_LABELS = {"gpt2": "GPT-2 S", "gpt2-medium": "GPT-2 M", "gpt2-large": "GPT-2 L",
                 "gpt2-xl": "GPT-2 XL"}
 METHOD_LABELS = {"lora": "LoRA", "full": "FT"}
@@ -220,6 +228,23 @@ def table3(summaries: Sequence[Mapping],
     return out
 
 
+def table13(summaries: Sequence[Mapping]) -> pd.DataFrame:
+    """Table 13 (WebNLG): as `table3`, with columns "BLEU S", "BLEU U", "BLEU A", "MET S", ...,
+    "TER A": BLEU (x100), MET and TER of the seen (S), unseen (U) and all (A) test
+    categories, mean±std over seeds."""
+    fmt = {f"{m}{suffix}": spec for m, spec in WEBNLG_DART_FORMAT.items()
+           for suffix in PARTS.values()}
+    out = table3(summaries, fmt)
+    out.columns = [out.columns[0]] + [f"{HEADERS[m]} {part}" for m in WEBNLG_DART_FORMAT
+                                      for part in PARTS]
+    return out
+
+
+def table14(summaries: Sequence[Mapping]) -> pd.DataFrame:
+    """Table 14 (DART): as `table3` with BLEU (x100), MET and TER, mean±std over seeds."""
+    return table3(summaries, WEBNLG_DART_FORMAT)
+
+
 def _only(runs: pd.DataFrame, keys: Sequence[str], what: str) -> None:
     """UserError unless every run shares one value of each key (one model, task, ...)."""
     for key in keys:
@@ -318,7 +343,8 @@ COMMAND_DOC = """Result tables of a sweep's complete runs (Hu et al. 2021, Table
     python -m analysis.tables [SWEEP] [--metric BLEU|val_loss|...]
         [--out figures/<sweep>/tables] [--wandb offline]
 
-Writes Table 3 (all runs; a "Val Loss" column beside the paper's metrics), Table 18 (LoRA
+Writes Table 3 (all runs; a "Val Loss" column beside the paper's metrics), Tables 13 and 14
+(WebNLG and DART runs scored with task.metrics=generation_eval), Table 18 (LoRA
 runs, one per model, task and targets) and the targets x rank grid of --metric (one per model
 and task) as table3, table18, grid_<metric> (plus what else varies) .md, .tex and .csv in
 --out, and prints the Markdown. Seeds of one configuration are averaged (mean±std).
@@ -352,6 +378,11 @@ def command_tables(runs, metric: str) -> dict[str, pd.DataFrame]:
     LoRA runs, one per model, task (and targets, for Table 18)."""
     summaries = [run.summary | {"run_dir": str(run.path)} for run in runs]
     out = {"table3": table3(summaries, TABLE3_COMMAND_FORMAT)}
+    for task, make in (("webnlg", table13), ("dart", table14)):  # where runs scored TER
+        scored = [s for s in summaries if _name(s["config"]["task"], "name") == task
+                  and "TER" in s["metrics"]]
+        if scored:
+            out[make.__name__] = make(scored)
     lora = [run for run in runs if run.method == "lora"]
     for context, group in _grouped(lora, ("model.id", "task.name", "targets")).items():
         name = "_".join(filter(None, ["table18", context]))

@@ -55,7 +55,7 @@ class TaskConfig:
     seed: int = 0  # seeds the data split, subsets and the synthetic generator (not training)
     max_length: int = 512  # tokens per example (prompt + target + eos)
     length_penalty: float = 0.9  # beam search; the paper's Table 11: 0.9 E2E, 0.8 WebNLG/DART
-    metrics: str = "e2e"  # e2e (official E2E script) | bleu_meteor (WebNLG, DART)
+    metrics: str = "e2e"  # e2e (E2E script) | generation_eval (WebNLG, DART) | bleu_meteor
     references: str = "paper"  # paper: E2E text tokenized as the LoRA code's files | original
     paths: list[str] = field(default_factory=list)  # corpus: .txt/.txt.gz/.txt.xz files, globs
     block_size: int = 512  # corpus: tokens per packed block
@@ -120,7 +120,7 @@ ALLOWED = {
     "method": ("lora", "full"),
     "model.init": ("pretrained", "random"),
     "model.attn_implementation": ("sdpa", "eager"),
-    "task.metrics": ("e2e", "bleu_meteor"),
+    "task.metrics": ("e2e", "generation_eval", "bleu_meteor"),
     "precision": ("auto", "fp32", "bf16"),
     "lr_schedule": ("linear", "cosine"),
     "logger.wandb.mode": (None, "online", "offline", "disabled"),

@@ -35,6 +35,7 @@ from lora_repro import rundir
 from lora_repro.config import TrainConfig
 from lora_repro.data import TestSource
 from lora_repro.data.encoding import encode_prompts
+from lora_repro.data.records import seen_flags
 from lora_repro.lora import lora_settings, merge_lora
 from lora_repro.modeling import autocast
 
@@ -106,8 +107,11 @@ def beam_decode(
     return outputs
 
 
-def score(task_metrics: str, references: list[list[str]], predictions: list[str]) -> dict:
-    """Official E2E metrics (`e2e`) or BLEU + METEOR (`bleu_meteor`, WebNLG and DART).
+def score(task_metrics: str, references: list[list[str]], predictions: list[str],
+          seen: list[tuple[bool, ...]] | None = None) -> dict:
+    """Official E2E metrics (`e2e`), GenerationEval's BLEU, METEOR, TER (`generation_eval`,
+    WebNLG and DART; with `seen`, per reference, also the seen / unseen parts) or BLEU +
+    METEOR (`bleu_meteor`).
 
     Without Java, METEOR, ROUGE-L and CIDEr are skipped with one warning line, so a GPU
     machine without Java still gets BLEU (and NIST); `python -m lora_repro.evaluate score
@@ -119,7 +123,8 @@ def score(task_metrics: str, references: list[list[str]], predictions: list[str]
         print(f"warning: not scored ({e}); run `python -m lora_repro.evaluate score run=DIR` "
               "where the metrics packages are installed", file=sys.stderr)
         return {}
-    wanted = metrics.E2E_METRICS if task_metrics == "e2e" else ("BLEU", "METEOR")
+    wanted = {"e2e": metrics.E2E_METRICS, "generation_eval": metrics.GENERATION_EVAL_METRICS
+              }.get(task_metrics, ("BLEU", "METEOR"))
     if shutil.which("java") is None:
         skipped = [m for m in wanted if m in JAVA_METRICS]
         wanted = [m for m in wanted if m not in JAVA_METRICS]
@@ -127,6 +132,8 @@ def score(task_metrics: str, references: list[list[str]], predictions: list[str]
               file=sys.stderr)
     if task_metrics == "e2e":
         return metrics.score_e2e(references, predictions, wanted)
+    if task_metrics == "generation_eval":
+        return metrics.score_generation_eval(references, predictions, seen, wanted)
     return metrics.score_bleu_meteor(references, predictions, wanted)
 
 
@@ -151,4 +158,5 @@ def decode_and_score(
             max_prompt_length=cfg.task.max_length, device=device,
         )
     rundir.write_atomic(Path(run_dir) / rundir.PREDICTIONS, "".join(p + "\n" for p in predictions))
-    return score(cfg.task.metrics, [list(t.references) for t in test], predictions)
+    return score(cfg.task.metrics, [list(t.references) for t in test], predictions,
+                 seen_flags(test))

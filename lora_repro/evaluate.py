@@ -2,11 +2,15 @@
 
     python -m lora_repro.evaluate score --refs testset_w_refs.csv --hyp outputs.txt
         [--metrics BLEU,NIST,METEOR,ROUGE_L,CIDEr] [--references paper|original]
+    python -m lora_repro.evaluate score --task webnlg|dart --refs test.json --hyp outputs.txt
+        [--train train.json] [--metrics BLEU,METEOR,TER]
     python -m lora_repro.evaluate decode run=runs/smoke/r4-qv-s1 [eval.beam=5 ...]
     python -m lora_repro.evaluate score run=runs/smoke/r4-qv-s1
 
 ``score`` prints one JSON object, e.g. ``{"BLEU": 0.66, "NIST": 8.5, ...}``, on the official
-E2E scale (``measure_scores.py -p`` of github.com/tuetschek/e2e-metrics). ``decode`` loads
+E2E scale (``measure_scores.py -p`` of github.com/tuetschek/e2e-metrics); with ``--task
+webnlg|dart``, BLEU, METEOR and TER as the paper's Tables 13-14 (``metrics.generation_eval``),
+for WebNLG also ``BLEU_S``, ``BLEU_U``, ... (seen / unseen categories). ``decode`` loads
 the run's base model and adapter, merges, beam-decodes every test source into the run's
 ``predictions.txt``, scores it and adds the metrics to ``summary.json``; ``score run=``
 re-scores an existing ``predictions.txt`` (e.g. decoded on a GPU machine without Java).
@@ -29,7 +33,15 @@ from pathlib import Path
 from lora_repro import rundir
 from lora_repro.data.references import REFERENCES, check_references, text_transform
 from lora_repro.errors import UserError
-from lora_repro.metrics import E2E_METRICS, check_metrics, read_hyps, read_refs_csv, score_e2e
+from lora_repro.metrics import (
+    E2E_METRICS,
+    GENERATION_EVAL_METRICS,
+    check_metrics,
+    read_hyps,
+    read_refs_csv,
+    score_e2e,
+    score_generation_eval,
+)
 from lora_repro.metrics.coco import require_java
 
 
@@ -91,6 +103,7 @@ def run_decode(args: argparse.Namespace) -> int:
 def score_run(run_dir: Path, overrides: list[str]) -> dict:
     """Score a run's ``predictions.txt`` against its task's test references."""
     from lora_repro import runs
+    from lora_repro.data.records import seen_flags
     from lora_repro.decoding import score
     from lora_repro.trainer import task_data
 
@@ -102,7 +115,7 @@ def score_run(run_dir: Path, overrides: list[str]) -> dict:
     hyps = read_hyps(path, len(test))
     if len(hyps) != len(test):
         raise UserError(f"{path} has {len(hyps)} lines, the test split {len(test)} sources")
-    metrics = score(cfg.task.metrics, [list(t.references) for t in test], hyps)
+    metrics = score(cfg.task.metrics, [list(t.references) for t in test], hyps, seen_flags(test))
     if cfg.task.references == runs.run_config(run_dir).task.references:
         _update_summary(run_dir, metrics)  # scores against other references are only printed
     return metrics
@@ -115,7 +128,10 @@ def run_score(args: argparse.Namespace) -> int:
         return 0
     if not (args.refs and args.hyp):
         raise UserError("give --refs REFS.csv and --hyp HYP.txt, or run=PATH")
-    metrics = check_metrics(args.metrics.split(","))
+    if args.task != "e2e":
+        print(json.dumps(score_data_to_text(args)))
+        return 0
+    metrics = check_metrics((args.metrics or ",".join(E2E_METRICS)).split(","))
     prepare = text_transform(check_references(args.references, "e2e"), "test")
     _, refs = read_refs_csv(args.refs)
     if prepare is not None:
@@ -129,6 +145,48 @@ def run_score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_json_task(task: str, path: Path, what: str):
+    """The examples of an official WebNLG / DART json file; `UserError` if unreadable."""
+    from lora_repro.data.tasks import READERS
+
+    if not path.is_file():
+        raise UserError(f"{what} file not found: {path}")
+    try:
+        return READERS[task][0](path)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UserError(f"{what} file {path} is not a {task} json ({err})") from None
+
+
+def score_data_to_text(args: argparse.Namespace) -> dict:
+    """``score --task webnlg|dart``: the paper's scores of ``--hyp`` (one line per distinct
+    source, in file order) against the official json ``--refs``. WebNLG's seen / unseen
+    parts come from the categories of ``--train`` (default: the official train file beside
+    ``--refs``, when present)."""
+    from lora_repro.data import webnlg
+    from lora_repro.data.records import group_by_source
+
+    metrics = check_metrics((args.metrics or ",".join(GENERATION_EVAL_METRICS)).split(","),
+                            GENERATION_EVAL_METRICS)
+    if args.train and args.task != "webnlg":
+        raise UserError("--train gives WebNLG's seen categories; drop it for --task dart")
+    refs_path = Path(args.refs)
+    train = Path(args.train) if args.train else refs_path.with_name(webnlg.OFFICIAL_FILES["train"])
+    seen = None
+    if args.task == "webnlg" and (args.train or train.is_file()):
+        seen = {ex.category for ex in _read_json_task("webnlg", train, "--train")}
+    test = group_by_source(_read_json_task(args.task, refs_path, "references"), seen)
+    hyps = read_hyps(args.hyp)
+    if len(hyps) != len(test):
+        raise UserError(f"{args.hyp} has {len(hyps)} lines but {refs_path} has {len(test)} "
+                        "distinct sources; give one output line per source, in file order")
+    require_java(metrics, others="BLEU,TER")
+    if args.task == "webnlg" and seen is None:
+        print(f"note: no {train}: scoring all sources only (give --train for seen/unseen)",
+              file=sys.stderr)
+    return score_generation_eval([list(t.references) for t in test], hyps,
+                                 None if seen is None else [t.seen for t in test], metrics)
+
+
 def add_score_parser(subparsers) -> None:
     parser = subparsers.add_parser(
         "score", help="E2E metrics of a hypothesis file against a references CSV",
@@ -136,12 +194,17 @@ def add_score_parser(subparsers) -> None:
                     "E2E script (measure_scores.py -p) does.")
     parser.add_argument("args", nargs="*", metavar="run=PATH",
                         help="score a run's predictions.txt instead (and update its summary)")
-    parser.add_argument("--refs", help="references CSV with columns mr,ref (several rows per MR)")
-    parser.add_argument("--hyp", help="text file, one output per MR")
-    parser.add_argument("--metrics", default=",".join(E2E_METRICS),
-                        help=f"comma-separated subset of {','.join(E2E_METRICS)}")
+    parser.add_argument("--refs", help="references CSV with columns mr,ref (several rows per MR)"
+                        "; for --task webnlg|dart the official test json")
+    parser.add_argument("--hyp", help="text file, one output per MR (or distinct source)")
+    parser.add_argument("--metrics", help=f"comma-separated subset of {','.join(E2E_METRICS)}"
+                        f" (webnlg, dart: of {','.join(GENERATION_EVAL_METRICS)}); default all")
+    parser.add_argument("--task", choices=("e2e", "webnlg", "dart"), default="e2e",
+                        help="which official scorer (default e2e)")
+    parser.add_argument("--train", help="webnlg: the train json whose categories are 'seen' "
+                        "(default: train.json beside --refs, if there)")
     parser.add_argument("--references", default="paper", metavar="|".join(REFERENCES),
-                        help="paper (default): tokenize the references as the LoRA code's "
+                        help="e2e: paper (default) tokenizes the references as the LoRA code's "
                              "test.txt, as the paper scored; original: the CSV text as it is")
     parser.set_defaults(func=run_score)
 

@@ -238,7 +238,9 @@ def load_task(name: str, *, data_dir: str | None = None, seed: int = 0, **option
         train, valid = splits["train"], splits["valid"]
         if opts["valid_fraction"] > 0:
             train, valid = split_by_source(train, opts["valid_fraction"], seed)
-        test = group_by_source(splits["test"])
+        # WebNLG's seen / unseen test parts: categories of the (whole) train split.
+        seen = {ex.category for ex in splits["train"]} if name == "webnlg" else None
+        test = group_by_source(splits["test"], seen)
     return TaskData(
         name=name,
         train=subset(train, opts["max_train_examples"], seed),

@@ -16,14 +16,6 @@ from lora_repro.errors import UserError
 # The official split files, as named in the LoRA repository's data/webnlg_challenge_2017/.
 OFFICIAL_FILES = {"train": "train.json", "valid": "dev.json", "test": "test.json"}
 
-# The 10 DBpedia categories of the training set; the test set adds 5 unseen ones. The paper
-# reports BLEU on seen (S), unseen (U) and all (A) test sources (Hu et al. 2021, Appendix F.1).
-SEEN_CATEGORIES = frozenset({
-    "Airport", "Astronaut", "Building", "City", "ComicsCharacter",
-    "Food", "Monument", "SportsTeam", "University", "WrittenWork",
-})
-
-
 def linearize_triples(triples: list[tuple[str, str, str]]) -> str:
     """Write triples as ``s : p : o | s : p : o`` (the LoRA code's WebNLG/DART format).
 

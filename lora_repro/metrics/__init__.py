@@ -1,9 +1,11 @@
-"""The E2E NLG metrics of the LoRA paper's Table 3, and BLEU/METEOR for WebNLG and DART.
+"""The E2E NLG metrics of the LoRA paper's Table 3; WebNLG/DART's BLEU, METEOR, TER.
 
 ``score_e2e`` reproduces ``measure_scores.py -p`` of github.com/tuetschek/e2e-metrics:
 BLEU and NIST as its ``pymteval.py`` (see ``mteval``), METEOR, ROUGE-L and CIDEr as its
 MS-COCO evaluation fork (see ``coco``). ``read_refs_csv`` and ``read_hyps`` read files the
 way that script does. All scores are on the official scale (BLEU, METEOR, ROUGE-L in 0..1).
+``score_generation_eval`` (see ``generation_eval``) scores WebNLG and DART as the paper's
+Tables 13-14 do; ``score_bleu_meteor`` is the earlier, approximate scorer.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import sacrebleu
 
 from lora_repro.errors import UserError
 from lora_repro.metrics import coco, mteval
+from lora_repro.metrics.generation_eval import GENERATION_EVAL_METRICS, score_generation_eval
 
 E2E_METRICS = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 # Header names measure_scores.py accepts for the MR and the reference column (re.match, any case).
@@ -27,8 +30,8 @@ _REF_HEADER = re.compile(r"(trg|tgt|target|ref(erence)?|human([_ .-]ref(erence)?
 # measure_scores.read_tsv repairs these encoding errors of the crowd-sourced E2E files.
 _MOJIBAKE = (("Ł", "£"), ("Â£", "£"), ("Ã©", "é"), ("ã©", "é"))
 
-__all__ = ["E2E_METRICS", "check_metrics", "read_hyps", "read_refs_csv", "score_bleu_meteor",
-           "score_e2e"]
+__all__ = ["E2E_METRICS", "GENERATION_EVAL_METRICS", "check_metrics", "read_hyps",
+           "read_refs_csv", "score_bleu_meteor", "score_e2e", "score_generation_eval"]
 
 
 def _read_lines(path: str | Path, what: str) -> list[str]:

@@ -120,8 +120,8 @@ class Meteor:
             raise RuntimeError(f"METEOR stopped unexpectedly: {tail}")
         return line.decode("utf-8").strip()
 
-    def score(self, refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> float:
-        """Corpus METEOR of PTB-tokenized ``hyps`` against PTB-tokenized ``refs``."""
+    def segment_stats(self, refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> list[str]:
+        """METEOR's sufficient statistics of each segment (``SCORE`` lines), in order."""
         score_lines = [
             " ||| ".join(("SCORE", " ||| ".join(group),
                           hyp.replace("|||", "").replace("  ", " ")))
@@ -133,10 +133,18 @@ class Meteor:
         writer.start()
         stats = [self._read_line() for _ in score_lines]
         writer.join()
+        return stats
+
+    def aggregate(self, stats: Sequence[str]) -> float:
+        """Corpus METEOR of segments from their `segment_stats` (one ``EVAL`` line)."""
         self._write_lines([" ||| ".join(["EVAL", *stats])])
         for _ in stats:  # per-segment scores, unused
             self._read_line()
         return float(self._read_line())
+
+    def score(self, refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> float:
+        """Corpus METEOR of PTB-tokenized ``hyps`` against PTB-tokenized ``refs``."""
+        return self.aggregate(self.segment_stats(refs, hyps))
 
 
 def _as_dicts(refs: Sequence[Sequence[str]], hyps: Sequence[str]):
