@@ -53,6 +53,9 @@ class TaskConfig:
     refs_per_source: int = 3
     seed: int = 0  # seeds the data split, subsets and the synthetic generator (not training)
     max_length: int = 512  # tokens per example (prompt + target + eos)
+    # official: source ids, eos id, " " + target, eos (gpt2_encode.py --add_bos --add_eos)
+    # | text: source + " ||", " " + target, eos (runs saved without this key used it)
+    prompt_format: str = "official"
     length_penalty: float = 0.9  # beam search; the paper's Table 11: 0.9 E2E, 0.8 WebNLG/DART
     metrics: str = "e2e"  # e2e (official E2E script) | bleu_meteor (WebNLG, DART)
     paths: list[str] = field(default_factory=list)  # corpus: .txt/.txt.gz/.txt.xz files, globs
@@ -67,6 +70,14 @@ class EvalConfig:
     no_repeat_ngram_size: int = 4
     max_new_tokens: int = 64
     batch_size: int = 32  # test sources decoded at once
+    # official: the paper's gpt2_beam.py rules (lora_repro.beam_search) | hf: transformers'
+    # generate as before 2026-12 (no renormalization after the n-gram ban; finished beams
+    # take no slot), kept to compare
+    decoder: str = "official"
+    # An output also ends at these texts, besides eos: as a stop id if the text is one token
+    # ("\n\n" is GPT-2's 628: the official commands' --eos_token_id 628), and as a cut of the
+    # decoded text (gpt2_decode.py). [] = eos only.
+    stop_texts: list[str] = field(default_factory=lambda: ["\n\n"])
 
 
 @dataclass
@@ -119,6 +130,8 @@ ALLOWED = {
     "model.init": ("pretrained", "random"),
     "model.attn_implementation": ("sdpa", "eager"),
     "task.metrics": ("e2e", "bleu_meteor"),
+    "task.prompt_format": ("official", "text"),
+    "eval.decoder": ("official", "hf"),
     "precision": ("auto", "fp32", "bf16"),
     "lr_schedule": ("linear", "cosine"),
     "logger.wandb.mode": (None, "online", "offline", "disabled"),
@@ -189,6 +202,22 @@ def check_positions(cfg: TrainConfig, n_positions: int) -> None:
     if need > n_positions:
         raise UserError(f"{what} tokens do not fit the model's {n_positions} positions "
                         "(model.n_positions); shorten them")
+
+
+# Keys added after runs were saved: what a saved run without the key did (`upgrade_saved`).
+# Runs before the official prompt format used the " ||" text (a corpus run has no prompts).
+LEGACY = {("task", "prompt_format"): lambda saved: "official" if saved.get("task", {}).get(
+    "name") == "corpus" else "text"}
+
+
+def upgrade_saved(saved: dict) -> dict:
+    """A saved config or identity dict (summary.json, run_config.json, a checkpoint), with
+    each key it predates set to what that run did: read back, an old run is the run it was."""
+    saved = {**saved, **{k: dict(v) for k, v in saved.items() if isinstance(v, dict)}}
+    for (group, key), value in LEGACY.items():
+        if group in saved and key not in saved[group]:
+            saved[group][key] = value(saved)
+    return saved
 
 
 def register() -> None:

@@ -5,6 +5,7 @@
         adapter.safetensors     final LoRA factors (`lora_repro.lora.save_adapter`)
         metrics.jsonl           one JSON object per logged step or epoch
         predictions.txt         decoded test outputs, one line per unique source
+        predictions-T.txt       side decodes (`evaluate decode --tag T`), with decode-T.json
         tokenizer/              only for model.tokenizer=bpe: the tokenizer trained on the task
         model/                  only for method=full: the fine-tuned model (Hugging Face format)
         summary.json            written last and atomically; a job without it is incomplete
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from lora_repro.config import TrainConfig
+from lora_repro.config import TrainConfig, upgrade_saved
 from lora_repro.errors import UserError
 
 SUMMARY = "summary.json"
@@ -81,6 +82,7 @@ def flat_identity(config: dict) -> dict[str, Any]:
                 out[f"{prefix}{key}"] = value
         return out
 
+    config = upgrade_saved(config)
     return flatten({k: v for k, v in config.items() if k not in _not_identity(config)}, "")
 
 
@@ -97,7 +99,7 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def check_same_run(run_dir: Path, saved: dict, cfg: TrainConfig) -> None:
     """Refuse to resume or skip a run directory that holds a run of other settings."""
-    diff = _diff(saved, identity(cfg))
+    diff = _diff(upgrade_saved(saved), identity(cfg))
     if diff:
         raise UserError(
             f"{run_dir} holds a run with other settings ({'; '.join(diff[:3])}); "

@@ -66,8 +66,9 @@ def load_data(cfg: TrainConfig, run_dir: Path):
         return tokenizer, Blocks(train), Blocks(valid), []
     data = task_data(cfg.task)
     tokenizer = run_tokenizer(cfg, data, run_dir)
-    train_set = encode_dataset(tokenizer, data.train, cfg.task.max_length)
-    valid_set = encode_dataset(tokenizer, data.valid, cfg.task.max_length)
+    fmt = cfg.task.prompt_format
+    train_set = encode_dataset(tokenizer, data.train, cfg.task.max_length, fmt)
+    valid_set = encode_dataset(tokenizer, data.valid, cfg.task.max_length, fmt)
     return tokenizer, train_set, valid_set, data.test
 
 
@@ -91,7 +92,8 @@ def run_tokenizer(cfg: TrainConfig, data: TaskData, run_dir: Path):
     """The run's tokenizer; one trained on the task ("bpe") is saved to `run_dir/tokenizer`."""
     if cfg.model.tokenizer != "bpe":
         return load_tokenizer(cfg.model.tokenizer)
-    texts = [prompt_text(ex.source) + " " + ex.target for ex in data.train]
+    texts = [prompt_text(ex.source, cfg.task.prompt_format) + " " + ex.target
+             for ex in data.train]
     tokenizer = train_bpe(texts, cfg.model.vocab_size)
     tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
     return tokenizer
