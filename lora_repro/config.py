@@ -78,6 +78,9 @@ class EvalConfig:
     # ("\n\n" is GPT-2's 628: the official commands' --eos_token_id 628), and as a cut of the
     # decoded text (gpt2_decode.py). [] = eos only.
     stop_texts: list[str] = field(default_factory=lambda: ["\n\n"])
+    # fp32: as the official decoder (bf16 logits reorder near-equal beams) | auto | bf16, as
+    # the top-level `precision`
+    precision: str = "fp32"
 
 
 @dataclass
@@ -132,6 +135,7 @@ ALLOWED = {
     "task.metrics": ("e2e", "bleu_meteor"),
     "task.prompt_format": ("official", "text"),
     "eval.decoder": ("official", "hf"),
+    "eval.precision": ("auto", "fp32", "bf16"),
     "precision": ("auto", "fp32", "bf16"),
     "lr_schedule": ("linear", "cosine"),
     "logger.wandb.mode": (None, "online", "offline", "disabled"),

@@ -195,11 +195,11 @@ def decode_and_score(
     predictions: str = rundir.PREDICTIONS,
 ) -> dict:
     """Merge LoRA (decoding then runs at the base model's speed), decode every test source
-    in the run's prompt format, write `predictions` (a file name) into the run directory and
-    return the test metrics."""
+    in the run's prompt format and `eval.precision`, write `predictions` (a file name) into
+    the run directory and return the test metrics."""
     if lora_settings(model) is not None:
         merge_lora(model)
-    with autocast(cfg.precision, device)():
+    with autocast(cfg.eval.precision, device)():
         outputs = beam_decode(
             model, tokenizer, [t.source for t in test],
             beam=cfg.eval.beam, length_penalty=cfg.task.length_penalty,

@@ -23,7 +23,7 @@ def _calc_banned_ngram_tokens(prev_input_ids, num_hypos, no_repeat_ngram_size, c
     for idx in range(num_hypos):
         gen_tokens = prev_input_ids[idx].tolist()
         generated_ngram = generated_ngrams[idx]
-        for ngram in zip(*[gen_tokens[i:] for i in range(no_repeat_ngram_size)]):
+        for ngram in zip(*[gen_tokens[i:] for i in range(no_repeat_ngram_size)], strict=False):
             prev_ngram_tuple = tuple(ngram[:-1])
             generated_ngram[prev_ngram_tuple] = generated_ngram.get(prev_ngram_tuple, []) + [
                 ngram[-1]]
@@ -72,7 +72,7 @@ def official_beam(model, query, *, beam, length_penalty, no_repeat_ngram_size, e
     beam_scores = torch.zeros((batch_size, num_beams), dtype=torch.float)
     best_sequence = torch.zeros((batch_size, eval_len), dtype=torch.long)
     best_score = {}
-    history = None
+    history = token_id = None
     past = DynamicCache()
     for i in range(0, eval_len):
         if i == 0:
