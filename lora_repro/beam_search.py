@@ -90,11 +90,10 @@ class _Best:
         arg = torch.where(top == NEG_INF, finished.int().argmax(1), arg)  # all -inf: the first
         take = finished.any(1) & (~self.has[rows] | (top > self.score[rows]))
         pick = history[torch.arange(len(rows), device=rows.device), arg]  # (R, L)
-        rows, pick = rows[take], pick[take]
-        self.score[rows] = top[take]
-        self.has[rows] = True
-        self.tokens[rows, :length] = pick
-        self.length[rows] = length
+        self.score[rows] = torch.where(take, top, self.score[rows])
+        self.has[rows] = self.has[rows] | take
+        self.tokens[rows, :length] = torch.where(take[:, None], pick, self.tokens[rows, :length])
+        self.length[rows] = torch.where(take, length, self.length[rows])
 
 
 @torch.no_grad()

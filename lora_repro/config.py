@@ -210,8 +210,8 @@ def check_positions(cfg: TrainConfig, n_positions: int) -> None:
 
 # Keys added after runs were saved: what a saved run without the key did (`upgrade_saved`).
 # Runs before the official prompt format used the " ||" text (a corpus run has no prompts).
-LEGACY = {("task", "prompt_format"): lambda saved: "official" if saved.get("task", {}).get(
-    "name") == "corpus" else "text"}
+LEGACY = {("task", "prompt_format"): lambda task: "official" if task.get("name") == "corpus"
+           else "text"}
 
 
 def upgrade_saved(saved: dict) -> dict:
@@ -219,8 +219,8 @@ def upgrade_saved(saved: dict) -> dict:
     each key it predates set to what that run did: read back, an old run is the run it was."""
     saved = {**saved, **{k: dict(v) for k, v in saved.items() if isinstance(v, dict)}}
     for (group, key), value in LEGACY.items():
-        if group in saved and key not in saved[group]:
-            saved[group][key] = value(saved)
+        if isinstance(saved.get(group), dict) and key not in saved[group]:
+            saved[group][key] = value(saved[group])
     return saved
 
 
