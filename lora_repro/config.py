@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from hydra.core.config_store import ConfigStore
 
-from lora_repro.data.references import check_references
+from lora_repro.data.references import check_references, saved_references
 from lora_repro.errors import UserError
 from lora_repro.lora.targets import parse_targets
 
@@ -54,6 +54,9 @@ class TaskConfig:
     refs_per_source: int = 3
     seed: int = 0  # seeds the data split, subsets and the synthetic generator (not training)
     max_length: int = 512  # tokens per example (prompt + target + eos)
+    # official: source ids, eos id, " " + target, eos (gpt2_encode.py --add_bos --add_eos)
+    # | text: source + " ||", " " + target, eos (runs saved without this key used it)
+    prompt_format: str = "official"
     length_penalty: float = 0.9  # beam search; the paper's Table 11: 0.9 E2E, 0.8 WebNLG/DART
     metrics: str = "e2e"  # e2e (E2E script) | generation_eval (WebNLG, DART) | bleu_meteor
     references: str = "paper"  # paper: E2E text tokenized as the LoRA code's files | original
@@ -69,6 +72,17 @@ class EvalConfig:
     no_repeat_ngram_size: int = 4
     max_new_tokens: int = 64
     batch_size: int = 32  # test sources decoded at once
+    # official: the paper's gpt2_beam.py rules (lora_repro.beam_search) | hf: transformers'
+    # generate as before 2026-12 (no renormalization after the n-gram ban; finished beams
+    # take no slot), kept to compare
+    decoder: str = "official"
+    # An output also ends at these texts, besides eos: as a stop id if the text is one token
+    # ("\n\n" is GPT-2's 628: the official commands' --eos_token_id 628), and as a cut of the
+    # decoded text (gpt2_decode.py). [] = eos only.
+    stop_texts: list[str] = field(default_factory=lambda: ["\n\n"])
+    # fp32: as the official decoder (bf16 logits reorder near-equal beams) | auto | bf16, as
+    # the top-level `precision`
+    precision: str = "fp32"
 
 
 @dataclass
@@ -121,6 +135,9 @@ ALLOWED = {
     "model.init": ("pretrained", "random"),
     "model.attn_implementation": ("sdpa", "eager"),
     "task.metrics": ("e2e", "generation_eval", "bleu_meteor"),
+    "task.prompt_format": ("official", "text"),
+    "eval.decoder": ("official", "hf"),
+    "eval.precision": ("auto", "fp32", "bf16"),
     "precision": ("auto", "fp32", "bf16"),
     "lr_schedule": ("linear", "cosine"),
     "logger.wandb.mode": (None, "online", "offline", "disabled"),
@@ -192,6 +209,23 @@ def check_positions(cfg: TrainConfig, n_positions: int) -> None:
     if need > n_positions:
         raise UserError(f"{what} tokens do not fit the model's {n_positions} positions "
                         "(model.n_positions); shorten them")
+
+
+# Keys added after runs were saved: what a saved run without the key did (`upgrade_saved`).
+# Runs before the official prompt format used the " ||" text (a corpus run has no prompts).
+LEGACY = {("task", "prompt_format"): lambda task: "official" if task.get("name") == "corpus"
+           else "text",
+          ("task", "references"): saved_references}
+
+
+def upgrade_saved(saved: dict) -> dict:
+    """A saved config or identity dict (summary.json, run_config.json, a checkpoint), with
+    each key it predates set to what that run did: read back, an old run is the run it was."""
+    saved = {**saved, **{k: dict(v) for k, v in saved.items() if isinstance(v, dict)}}
+    for (group, key), value in LEGACY.items():
+        if isinstance(saved.get(group), dict) and key not in saved[group]:
+            saved[group][key] = value(saved[group])
+    return saved
 
 
 def register() -> None:

@@ -1,17 +1,21 @@
-"""Beam-search decoding of the test set with transformers' `generate`, and its scoring.
+"""Beam-search decoding of the test set, and its scoring.
 
 The paper decodes with beam 10, no-repeat n-gram size 4, length penalty 0.9 for E2E and 0.8
 for WebNLG/DART (Table 11; the official repository's README uses 0.8 for E2E too, hence
-`task.length_penalty`). As in the official decoder (microsoft/LoRA, `gpt2_beam.py`):
+`task.length_penalty`), 64 new tokens (`--eval_len 64`). Decoders (`eval.decoder`):
 
-- the length penalty divides a finished beam's log-probability by (output length, eos
-  included) ** length_penalty, which is transformers' convention too;
-- search runs the full `max_new_tokens` steps and keeps the best finished beam
-  (`early_stopping="never"`), rather than stopping at the first `beam` finished ones;
-- the no-repeat n-gram rule looks at the output only, never the prompt (`OutputNoRepeatNGram`).
+- ``official`` (default): `lora_repro.beam_search`, the official `gpt2_beam.py` rules with its
+  outputs: the no-repeat n-gram ban looks at the output only and comes before the softmax
+  (renormalized), a finished hypothesis takes one of the `beam` slots of its step, and its
+  score is log-probability / (output length, end id included) ** length_penalty.
+- ``hf``: transformers' `generate`, as this toolkit decoded before (kept to compare): the ban
+  comes after the log-softmax (the banned mass is lost) and `beam` unfinished beams keep
+  running; the n-gram rule also looks at the output only (`OutputNoRepeatNGram`).
 
-One difference stays: the official decoder lets finished beams take slots among the top
-`beam` candidates of a step, transformers keeps `beam` unfinished ones running.
+End of an output: eos, and each of `eval.stop_texts` (default "\\n\\n"), as in the official
+pipeline: its E2E command passes `--eos_token_id 628` (GPT-2's "\\n\\n"), which argparse
+appends to the default [50256], and WebNLG and DART follow the same command; `gpt2_decode.py`
+then cuts the decoded text at "<|endoftext|>" and "\\n\\n" and strips it (`cut_output`).
 """
 
 from __future__ import annotations
@@ -32,16 +36,20 @@ from transformers import (
 )
 
 from lora_repro import rundir
+from lora_repro.beam_search import official_beam_search
 from lora_repro.config import TrainConfig
 from lora_repro.data import TestSource
 from lora_repro.data.encoding import encode_prompts
 from lora_repro.data.records import seen_flags
+from lora_repro.errors import UserError
 from lora_repro.lora import lora_settings, merge_lora
 from lora_repro.modeling import autocast
 
+DECODERS = ("official", "hf")
+
 
 class OutputNoRepeatNGram(LogitsProcessor):
-    """Ban repeating an n-gram of the output, ignoring the prompt.
+    """Ban repeating an n-gram of the output, ignoring the prompt (for ``decoder=hf``).
 
     transformers' `no_repeat_ngram_size` counts the prompt of a decoder-only model as text
     already generated, so it would forbid copying any n tokens of the source into the output
@@ -58,6 +66,55 @@ class OutputNoRepeatNGram(LogitsProcessor):
         return self.inner(input_ids[:, self.prompt_width:], scores)
 
 
+def stop_ids(tokenizer: PreTrainedTokenizerBase, stop_texts: list[str]) -> list[int]:
+    """The end ids: eos, then each stop text that is a single token (GPT-2: "\\n\\n" -> 628;
+    a text of several tokens only cuts the decoded output, `cut_output`)."""
+    ids = [tokenizer.eos_token_id]
+    for text in stop_texts:
+        one = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(one) == 1 and one[0] not in ids:
+            ids.append(one[0])
+    return ids
+
+
+def cut_output(tokenizer: PreTrainedTokenizerBase, ids: list[int], end_ids: list[int],
+               stop_texts: list[str]) -> str:
+    """An output's text as `gpt2_decode.py` makes it: cut at the first end id, decoded, cut at
+    the first of `stop_texts`, stripped; whitespace runs become one space (one line each)."""
+    ends = [i for i, t in enumerate(ids) if t in end_ids]
+    text = tokenizer.decode(ids[:ends[0]] if ends else ids, skip_special_tokens=True)
+    for stop in stop_texts:
+        text = text.split(stop)[0]
+    return " ".join(text.split())
+
+
+def _left_pad(prompts: list[list[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, max length), prompts aligned on the right."""
+    width = max(len(p) for p in prompts)
+    input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+    for row, p in enumerate(prompts):
+        input_ids[row, width - len(p):] = torch.tensor(p)
+        attention_mask[row, width - len(p):] = 1
+    return input_ids, attention_mask
+
+
+def _hf_generate(model, input_ids, attention_mask, *, beam, length_penalty, no_repeat_ngram_size,
+                 max_new_tokens, end_ids, pad) -> list[list[int]]:
+    """``decoder=hf``: transformers' beam search; the generated ids of each row."""
+    gen = GenerationConfig(
+        num_beams=beam, length_penalty=length_penalty, max_new_tokens=max_new_tokens,
+        do_sample=False, early_stopping="never",
+        eos_token_id=end_ids, pad_token_id=pad, bos_token_id=end_ids[0],
+    )
+    width = input_ids.shape[1]
+    rules = LogitsProcessorList(
+        [OutputNoRepeatNGram(no_repeat_ngram_size, width)] if no_repeat_ngram_size else [])
+    out = model.generate(input_ids=input_ids, attention_mask=attention_mask,
+                         generation_config=gen, logits_processor=rules)
+    return out[:, width:].tolist()
+
+
 @torch.no_grad()
 def beam_decode(
     model: nn.Module,
@@ -71,39 +128,37 @@ def beam_decode(
     batch_size: int,
     max_prompt_length: int,
     device: torch.device,
+    prompt_format: str = "official",
+    stop_texts: tuple[str, ...] | list[str] = ("\n\n",),
+    decoder: str = "official",
 ) -> list[str]:
-    """Decode one output per source, in input order.
+    """Decode one output per source, in input order (see the module docstring for the rules).
 
-    Prompts are sorted by length and left-padded within a batch (so generation continues
-    right after each prompt); outputs are cut at eos and stripped.
+    Prompts (`encode_prompts` in the run's `prompt_format`) are sorted by length and
+    left-padded within a batch of `batch_size` sources; outputs are cut by `cut_output`.
     """
+    if decoder not in DECODERS:
+        raise UserError(f"eval.decoder={decoder!r}: allowed values are {DECODERS}")
     model.eval()
-    prompts = encode_prompts(tokenizer, sources, max_prompt_length)
+    prompts = encode_prompts(tokenizer, sources, max_prompt_length, prompt_format)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    gen = GenerationConfig(
-        num_beams=beam, length_penalty=length_penalty, max_new_tokens=max_new_tokens,
-        do_sample=False, early_stopping="never",
-        eos_token_id=eos, pad_token_id=pad, bos_token_id=eos,
-    )
+    end_ids = stop_ids(tokenizer, list(stop_texts))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else end_ids[0]
+    settings = dict(beam=beam, length_penalty=length_penalty, max_new_tokens=max_new_tokens,
+                    no_repeat_ngram_size=no_repeat_ngram_size)
     outputs: list[str] = [""] * len(prompts)
     for start in tqdm(range(0, len(order), batch_size), desc="decode", unit="batch"):
         idx = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        input_ids = torch.full((len(idx), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(idx), width), dtype=torch.long)
-        for row, i in enumerate(idx):
-            input_ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attention_mask[row, width - len(prompts[i]):] = 1
-        rules = LogitsProcessorList(
-            [OutputNoRepeatNGram(no_repeat_ngram_size, width)] if no_repeat_ngram_size else [])
-        out = model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            generation_config=gen, logits_processor=rules,
-        )
-        texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-        for i, text in zip(idx, texts, strict=True):
-            outputs[i] = " ".join(text.split())  # one line per output
+        input_ids, attention_mask = (t.to(device) for t in _left_pad([prompts[i] for i in idx],
+                                                                     pad))
+        if decoder == "official":
+            ids = official_beam_search(model, input_ids, attention_mask, end_ids=end_ids,
+                                       **settings)
+        else:
+            ids = _hf_generate(model, input_ids, attention_mask, end_ids=end_ids, pad=pad,
+                               **settings)
+        for i, out in zip(idx, ids, strict=True):
+            outputs[i] = cut_output(tokenizer, out, end_ids, list(stop_texts))
     return outputs
 
 
@@ -144,19 +199,22 @@ def decode_and_score(
     cfg: TrainConfig,
     run_dir: Path,
     device: torch.device,
+    predictions: str = rundir.PREDICTIONS,
 ) -> dict:
-    """Merge LoRA (decoding then runs at the base model's speed), decode every test source,
-    write `predictions.txt` into the run directory and return the test metrics."""
+    """Merge LoRA (decoding then runs at the base model's speed), decode every test source
+    in the run's prompt format and `eval.precision`, write `predictions` (a file name) into
+    the run directory and return the test metrics."""
     if lora_settings(model) is not None:
         merge_lora(model)
-    with autocast(cfg.precision, device)():
-        predictions = beam_decode(
+    with autocast(cfg.eval.precision, device)():
+        outputs = beam_decode(
             model, tokenizer, [t.source for t in test],
             beam=cfg.eval.beam, length_penalty=cfg.task.length_penalty,
             no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size,
             max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
             max_prompt_length=cfg.task.max_length, device=device,
+            prompt_format=cfg.task.prompt_format, stop_texts=cfg.eval.stop_texts,
+            decoder=cfg.eval.decoder,
         )
-    rundir.write_atomic(Path(run_dir) / rundir.PREDICTIONS, "".join(p + "\n" for p in predictions))
-    return score(cfg.task.metrics, [list(t.references) for t in test], predictions,
-                 seen_flags(test))
+    rundir.write_atomic(Path(run_dir) / predictions, "".join(p + "\n" for p in outputs))
+    return score(cfg.task.metrics, [list(t.references) for t in test], outputs, seen_flags(test))

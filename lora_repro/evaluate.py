@@ -4,7 +4,7 @@
         [--metrics BLEU,NIST,METEOR,ROUGE_L,CIDEr] [--references paper|original]
     python -m lora_repro.evaluate score --task webnlg|dart --refs test.json --hyp outputs.txt
         [--train train.json] [--metrics BLEU,METEOR,TER]
-    python -m lora_repro.evaluate decode run=runs/smoke/r4-qv-s1 [eval.beam=5 ...]
+    python -m lora_repro.evaluate decode run=runs/smoke/r4-qv-s1 [eval.beam=5 ...] [--tag T]
     python -m lora_repro.evaluate score run=runs/smoke/r4-qv-s1
 
 ``score`` prints one JSON object, e.g. ``{"BLEU": 0.66, "NIST": 8.5, ...}``, on the official
@@ -18,6 +18,10 @@ re-scores an existing ``predictions.txt`` (e.g. decoded on a GPU machine without
 code's test.txt, as the paper did; ``original`` against the CSV text (the E2E challenge's
 way). The hypotheses are scored as they are. ``score run=`` uses the run's task.references;
 ``score run=DIR task.references=original`` prints the other way without touching the summary.
+``decode --tag T`` is a side decode (other settings, e.g. ``eval.decoder=hf``): it writes
+``predictions-T.txt`` and ``decode-T.json`` (metrics, settings, and ``changed_outputs``: how
+many lines differ from ``predictions.txt``) and leaves ``predictions.txt`` and
+``summary.json`` as they are.
 Mistakes a user can fix print ``error: <message>`` on stderr and exit with status 2.
 """
 
@@ -25,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -76,8 +81,19 @@ def _update_summary(run_dir: Path, metrics: dict, decoded: bool = False) -> None
         rundir.write_json(path, summary)
 
 
+def _changed_lines(a: Path, b: Path) -> int | None:
+    """How many lines of `a` differ from the same line of `b` (None if `b` is absent)."""
+    if not b.is_file():
+        return None
+    old, new = b.read_text().splitlines(), a.read_text().splitlines()
+    return sum(x != y for x, y in zip(new, old, strict=False)) + abs(len(new) - len(old))
+
+
 def run_decode(args: argparse.Namespace) -> int:
-    """``decode run=DIR``: decode the run's test set, score it, update its summary."""
+    """``decode run=DIR``: decode the run's test set, score it, update its summary (or, with
+    ``--tag``, write the side files named in the module docstring)."""
+    from dataclasses import asdict
+
     from lora_repro import runs
     from lora_repro.config import validate
     from lora_repro.decoding import decode_and_score
@@ -85,6 +101,8 @@ def run_decode(args: argparse.Namespace) -> int:
     from lora_repro.trainer import task_data
 
     run_dir, overrides = split_run_args(args.args)
+    if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
+        raise UserError(f"--tag {args.tag!r}: use letters, digits, '_', '.', '-'")
     cfg = validate(runs.run_config(run_dir, overrides))
     _check_files(run_dir)
     device = resolve_device(cfg.device)
@@ -93,9 +111,18 @@ def run_decode(args: argparse.Namespace) -> int:
         raise UserError(f"task {cfg.task.name!r} of run={run_dir} has no test split")
     model = runs.trained_model(run_dir, cfg).to(device)
     t0 = time.perf_counter()
-    metrics = decode_and_score(model, runs.run_tokenizer(run_dir, cfg), test, cfg, run_dir, device)
+    predictions = rundir.PREDICTIONS if args.tag is None else f"predictions-{args.tag}.txt"
+    metrics = decode_and_score(model, runs.run_tokenizer(run_dir, cfg), test, cfg, run_dir, device,
+                               predictions=predictions)
     metrics["decode_s"] = time.perf_counter() - t0
-    _update_summary(run_dir, metrics, decoded=True)
+    if args.tag is None:
+        _update_summary(run_dir, metrics, decoded=True)
+    else:
+        metrics["changed_outputs"] = _changed_lines(run_dir / predictions,
+                                                    run_dir / rundir.PREDICTIONS)
+        rundir.write_json(run_dir / f"decode-{args.tag}.json", {
+            "metrics": metrics, "overrides": overrides, "eval": asdict(cfg.eval),
+            "prompt_format": cfg.task.prompt_format, "length_penalty": cfg.task.length_penalty})
     print(json.dumps(metrics))
     return 0
 
@@ -220,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "source with the paper's beam search (config keys eval.* and "
                     "task.length_penalty; override them as key=value).")
     decode.add_argument("args", nargs="+", metavar="run=PATH [key=value ...]")
+    decode.add_argument("--tag", help="a side decode: write predictions-TAG.txt and "
+                        "decode-TAG.json, leave predictions.txt and summary.json alone")
     decode.set_defaults(func=run_decode)
     return parser
 

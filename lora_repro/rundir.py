@@ -10,6 +10,7 @@ for the analysis commands (complete, failed, incomplete).
         adapter.safetensors     final LoRA factors (`lora_repro.lora.save_adapter`)
         metrics.jsonl           one JSON object per logged step or epoch
         predictions.txt         decoded test outputs, one line per unique source
+        predictions-T.txt       side decodes (`evaluate decode --tag T`), with decode-T.json
         tokenizer/              only for model.tokenizer=bpe: the tokenizer trained on the task
         model/                  only for method=full: the fine-tuned model (Hugging Face format)
         summary.json            written last and atomically; a job without it is incomplete;
@@ -37,8 +38,7 @@ from typing import Any
 
 import torch
 
-from lora_repro.config import TrainConfig
-from lora_repro.data.references import saved_references
+from lora_repro.config import TrainConfig, upgrade_saved
 from lora_repro.errors import UserError
 
 SUMMARY = "summary.json"
@@ -101,15 +101,6 @@ def identity(cfg: TrainConfig) -> dict:
     return d
 
 
-def _with_references(config: dict) -> dict:
-    """A saved config or identity with ``task.references`` filled in for runs made before
-    that option (`saved_references`)."""
-    task = config.get("task")
-    if isinstance(task, dict) and "references" not in task:
-        return {**config, "task": {**task, "references": saved_references(task)}}
-    return config
-
-
 def flat_identity(config: dict) -> dict[str, Any]:
     """A saved config (summary.json "config") as dotted keys, without NOT_IDENTITY:
     {"model": {"id": "tiny"}, "rank": 8, "logger": ...} -> {"model.id": "tiny", "rank": 8}."""
@@ -122,7 +113,7 @@ def flat_identity(config: dict) -> dict[str, Any]:
                 out[f"{prefix}{key}"] = value
         return out
 
-    config = _with_references(config)
+    config = upgrade_saved(config)
     return flatten({k: v for k, v in config.items() if k not in _not_identity(config)}, "")
 
 
@@ -139,7 +130,7 @@ def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 def check_same_run(run_dir: Path, saved: dict, cfg: TrainConfig) -> None:
     """Refuse to resume or skip a run directory that holds a run of other settings."""
-    diff = _diff(_with_references(saved), identity(cfg))
+    diff = _diff(upgrade_saved(saved), identity(cfg))
     if diff:
         raise UserError(
             f"{run_dir} holds a run with other settings ({'; '.join(diff[:3])}); "

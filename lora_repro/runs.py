@@ -12,12 +12,11 @@ import re
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from transformers import GPT2LMHeadModel, PreTrainedTokenizerBase
 
 from lora_repro import rundir
-from lora_repro.config import TrainConfig
-from lora_repro.data.references import saved_references
+from lora_repro.config import TrainConfig, upgrade_saved
 from lora_repro.errors import UserError
 from lora_repro.lora import (
     adapter_factors,
@@ -38,20 +37,19 @@ def is_complete(run_dir: Path) -> bool:
 
 def run_config(run_dir: Path, overrides: list[str] | None = None) -> TrainConfig:
     """The run's config (from summary.json, else run_config.json), with `key=value`
-    overrides such as `eval.beam=5` applied and type-checked."""
+    overrides such as `eval.beam=5` applied and type-checked. Keys the saved config predates
+    take the value that run used (`upgrade_saved`: an old run's prompt format is "text")."""
     run_dir = Path(run_dir)
     if is_complete(run_dir):
-        saved = OmegaConf.create(rundir.read_json(run_dir / rundir.SUMMARY)["config"])
+        saved = upgrade_saved(rundir.read_json(run_dir / rundir.SUMMARY)["config"])
     elif (run_dir / rundir.CONFIG).is_file():
-        saved = OmegaConf.create(rundir.read_json(run_dir / rundir.CONFIG))
+        saved = upgrade_saved(rundir.read_json(run_dir / rundir.CONFIG))
     elif is_peft_dir(run_dir):
-        saved = OmegaConf.create(peft_summary(run_dir)["config"])
+        saved = upgrade_saved(peft_summary(run_dir)["config"])
     else:
         raise UserError(f"run={run_dir}: not a run directory (no {rundir.SUMMARY} or "
                         f"{rundir.CONFIG})")
-    if isinstance(saved.get("task"), DictConfig) and "references" not in saved.task:
-        saved.task.references = saved_references(saved.task)  # a run made before the option
-    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), saved)
+    cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.create(saved))
     try:
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides or []))
     except Exception as e:  # omegaconf's errors name the key but span several lines

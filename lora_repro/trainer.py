@@ -70,8 +70,9 @@ def load_data(cfg: TrainConfig):
     else:
         data = task_data(cfg.task)
         tokenizer = run_tokenizer(cfg, data)
-        train_set = encode_dataset(tokenizer, data.train, cfg.task.max_length)
-        valid_set = encode_dataset(tokenizer, data.valid, cfg.task.max_length)
+        fmt = cfg.task.prompt_format
+        train_set = encode_dataset(tokenizer, data.train, cfg.task.max_length, fmt)
+        valid_set = encode_dataset(tokenizer, data.valid, cfg.task.max_length, fmt)
         test = data.test
     if len(train_set) == 0:  # a run of 0 steps would look complete but have learned nothing
         raise UserError(f"task {cfg.task.name!r}: no training examples (task.data_dir="
@@ -100,7 +101,8 @@ def run_tokenizer(cfg: TrainConfig, data: TaskData):
     `run_dir/tokenizer`."""
     if cfg.model.tokenizer != "bpe":
         return load_tokenizer(cfg.model.tokenizer)
-    texts = [prompt_text(ex.source) + " " + ex.target for ex in data.train]
+    texts = [prompt_text(ex.source, cfg.task.prompt_format) + " " + ex.target
+             for ex in data.train]
     return train_bpe(texts, cfg.model.vocab_size)
 
 

@@ -229,26 +229,52 @@ def test_hub_offline_env_gives_the_user_error_without_traceback(tmp_path):
 
 def test_labels_mask_exactly_the_prompt_byt5(byt5):
     ex = Example("name : Alpha | food : French", "Alpha serves French food.")
-    enc = encode_example(byt5, ex, max_length=512)
-    n_prompt = len(prompt_text(ex.source).encode())  # ByT5: one id per byte
+    enc = encode_example(byt5, ex, max_length=512)  # official: source, eos, " " + target, eos
+    n_prompt = len(ex.source.encode()) + 1  # ByT5: one id per byte, then eos
+    assert enc["input_ids"][n_prompt - 1] == byt5.eos_token_id == 1
     assert enc["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
     assert enc["labels"][n_prompt:] == enc["input_ids"][n_prompt:]
-    assert enc["input_ids"][-1] == byt5.eos_token_id == 1
-    assert enc["input_ids"].count(1) == 1  # no extra eos from add_special_tokens
-    text = byt5.decode(enc["input_ids"][:-1])
-    assert text == "name : Alpha | food : French || Alpha serves French food."
+    assert enc["input_ids"][-1] == 1 and enc["input_ids"].count(1) == 2
+    assert byt5.decode(enc["input_ids"][:n_prompt - 1]) == ex.source
+    assert byt5.decode(enc["input_ids"][n_prompt:-1]) == " Alpha serves French food."
+    text = encode_example(byt5, ex, max_length=512, prompt_format="text")
+    assert text["input_ids"].count(1) == 1  # no extra eos from add_special_tokens
+    assert byt5.decode(text["input_ids"][:-1]) == (
+        "name : Alpha | food : French || Alpha serves French food.")
 
 
 def test_labels_mask_exactly_the_prompt_gpt2(gpt2):
     ex = Example("name : Alpha | food : French", "Alpha serves French food.")
-    enc = encode_example(gpt2, ex, max_length=512)
-    prompt = gpt2("name : Alpha | food : French ||")["input_ids"]
-    assert enc["input_ids"][: len(prompt)] == prompt
-    assert enc["labels"] == [IGNORE_INDEX] * len(prompt) + enc["input_ids"][len(prompt):]
-    assert enc["input_ids"][-1] == 50256
+    for fmt, prompt in [("official", gpt2("name : Alpha | food : French")["input_ids"] + [50256]),
+                        ("text", gpt2("name : Alpha | food : French ||")["input_ids"])]:
+        enc = encode_example(gpt2, ex, max_length=512, prompt_format=fmt)
+        assert enc["input_ids"][: len(prompt)] == prompt
+        assert enc["labels"] == [IGNORE_INDEX] * len(prompt) + enc["input_ids"][len(prompt):]
+        assert enc["input_ids"][-1] == 50256
+
+
+def test_e2e_ids_equal_the_official_encoding(gpt2, shared_dir):
+    """The first E2E test MR and reference, encoded as microsoft/LoRA's `create_datasets.sh`
+    does (`gpt2_encode.py --add_bos --add_eos`: `enc.encode(context) + [50256]`, then
+    `enc.encode(' ' + completion) + [50256]`). The expected ids come from running the official
+    `encoder.py` with the official `vocab/` files on the context
+    "name : Blue Spice | Type : coffee shop | area : city centre" and this reference."""
+    official_context = [3672, 1058, 4518, 43537, 930, 5994, 1058, 6891, 6128, 930, 1989, 1058,
+                        1748, 7372, 50256]
+    official_completion = [317, 6891, 6128, 287, 262, 1748, 7372, 1989, 1444, 4518, 43537, 13,
+                           50256]
+    test = load_task("e2e", data_dir=str(shared_dir / "data" / "e2e"), train_file="devset.csv",
+                     valid_file=None).test
+    first = test[0]
+    assert first.references[0] == "A coffee shop in the city centre area called Blue Spice."
+    assert encode_prompts(gpt2, [first.source], max_length=512) == [official_context]
+    enc = encode_example(gpt2, Example(first.source, first.references[0]), max_length=512)
+    assert enc["input_ids"] == official_context + official_completion
+    assert enc["labels"] == [IGNORE_INDEX] * len(official_context) + official_completion
 
 
 def test_gpt2_partwise_tokenization_equals_whole(gpt2, shared_dir):
+    """prompt_format=text: the prompt and the target tokenized apart equal the whole string."""
     data = shared_dir / "data"
     examples = [
         *load_task("e2e", data_dir=str(data / "e2e"), train_file="devset.csv", valid_file=None,
@@ -259,9 +285,9 @@ def test_gpt2_partwise_tokenization_equals_whole(gpt2, shared_dir):
                    valid_file=None, test_file=None).train,
         *synthetic_task(n_train=300, seed=0).train,
     ]
-    whole = gpt2([f"{prompt_text(e.source)} {e.target}" for e in examples],
+    whole = gpt2([f"{prompt_text(e.source, 'text')} {e.target}" for e in examples],
                  add_special_tokens=False)["input_ids"]
-    parts = encode_dataset(gpt2, examples, max_length=10_000)
+    parts = encode_dataset(gpt2, examples, max_length=10_000, prompt_format="text")
     mismatches = [e for e, w, p in zip(examples, whole, parts, strict=True)
                   if p["input_ids"] != w + [gpt2.eos_token_id]]
     assert len(examples) > 14_000 and not mismatches, mismatches[:3]
@@ -281,13 +307,19 @@ def test_truncation_keeps_the_prompt_and_cuts_the_target():
     assert join_and_truncate(prompt, target, 100)["input_ids"] == prompt + target
 
 
-def test_encode_prompts_are_the_training_prefix(byt5):
+@pytest.mark.parametrize("fmt", ["official", "text"])
+def test_encode_prompts_are_the_training_prefix(byt5, fmt):
     ex = Example("name : Beta", "Beta.")
-    (ids,) = encode_prompts(byt5, [ex.source], max_length=64)
-    assert encode_example(byt5, ex, 64)["input_ids"][: len(ids)] == ids
+    (ids,) = encode_prompts(byt5, [ex.source], max_length=64, prompt_format=fmt)
+    assert encode_example(byt5, ex, 64, fmt)["input_ids"][: len(ids)] == ids
     # An over-long prompt is cut as in training: its last max_length - 1 tokens.
-    cut = encode_prompts(byt5, [ex.source], max_length=4)[0]
-    assert cut == ids[-3:] == encode_example(byt5, ex, 4)["input_ids"][:3]
+    cut = encode_prompts(byt5, [ex.source], max_length=4, prompt_format=fmt)[0]
+    assert cut == ids[-3:] == encode_example(byt5, ex, 4, fmt)["input_ids"][:3]
+
+
+def test_unknown_prompt_format_is_refused(byt5):
+    with pytest.raises(UserError, match="task.prompt_format='bar'"):
+        encode_prompts(byt5, ["x"], max_length=64, prompt_format="bar")
 
 
 # ---- batching --------------------------------------------------------------------------

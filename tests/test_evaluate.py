@@ -1,10 +1,12 @@
 """`python -m lora_repro.evaluate decode|score run=...` on a real (tiny) run directory."""
 
 import json
+import shutil
 
 import pytest
 
-from lora_repro import rundir
+from lora_repro import rundir, runs
+from lora_repro.errors import UserError
 from lora_repro.evaluate import main
 from lora_repro.trainer import train
 from tests.test_train import QUICK, make_cfg
@@ -13,7 +15,9 @@ from tests.test_train import QUICK, make_cfg
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("run")
-    train(make_cfg(*QUICK, "eval.test=false", "task.n_test=6"), path)
+    # The " ||" format: 12 steps teach the official format's model to end every output at
+    # once (an all-empty predictions file, which `score` refuses).
+    train(make_cfg(*QUICK, "eval.test=false", "task.n_test=6", "task.prompt_format=text"), path)
     return path
 
 
@@ -32,6 +36,44 @@ def test_decode_writes_predictions_and_metrics_into_the_run(run_dir, capsys):
     assert main(["score", f"run={run_dir}"]) == 0  # re-scoring the same file gives the same
     rescored = json.loads(capsys.readouterr().out)
     assert all(rescored[k] == pytest.approx(printed[k]) for k in rescored)
+
+
+def test_tagged_decode_writes_side_files_and_leaves_the_run_alone(run_dir, capsys):
+    settings = ["eval.beam=3", "eval.max_new_tokens=12"]
+    assert main(["decode", f"run={run_dir}", *settings]) == 0
+    summary = (run_dir / rundir.SUMMARY).read_text()
+    predictions = (run_dir / rundir.PREDICTIONS).read_text()
+    capsys.readouterr()
+    assert main(["decode", f"run={run_dir}", *settings, "eval.decoder=hf", "eval.stop_texts=[]",
+                 "--tag", "hf"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    side = (run_dir / "predictions-hf.txt").read_text().splitlines()
+    changed = sum(a != b for a, b in zip(side, predictions.splitlines(), strict=True))
+    assert printed["changed_outputs"] == changed and len(side) == 6
+    saved = rundir.read_json(run_dir / "decode-hf.json")
+    assert saved["metrics"]["BLEU"] == printed["BLEU"]
+    assert saved["eval"]["decoder"] == "hf" and saved["prompt_format"] == "text"
+    assert (run_dir / rundir.SUMMARY).read_text() == summary
+    assert (run_dir / rundir.PREDICTIONS).read_text() == predictions
+    assert main(["decode", f"run={run_dir}", "--tag", "a/b"]) == 2
+
+
+def test_a_run_saved_before_prompt_format_used_the_text_format(run_dir, tmp_path):
+    summary = rundir.read_json(run_dir / rundir.SUMMARY)
+    assert summary["config"]["task"]["prompt_format"] == "text"  # the run records its format
+    for part in ("config", "identity"):
+        del summary[part]["task"]["prompt_format"]
+    old = tmp_path / "old"
+    shutil.copytree(run_dir, old)
+    rundir.write_json(old / rundir.SUMMARY, summary)
+    cfg = runs.run_config(old)
+    assert cfg.task.prompt_format == "text"  # so `decode run=old` feeds " ||" prompts
+    rundir.check_same_run(old, summary["identity"], cfg)  # its rerun is the same run
+    cfg.task.prompt_format = "official"
+    with pytest.raises(UserError, match="task.prompt_format: 'text' -> 'official'"):
+        rundir.check_same_run(old, summary["identity"], cfg)
+    corpus = {"task": {"name": "corpus"}}  # a corpus run has no prompts: any format is its
+    assert rundir.flat_identity(corpus)["task.prompt_format"] == "official"
 
 
 @pytest.mark.parametrize("args,match", [

@@ -49,6 +49,8 @@ def test_defaults_are_the_papers_e2e_setting():
         2e-4, 0.01, 8, 5, 500)
     assert (cfg.label_smoothing, cfg.dropout, cfg.task.length_penalty) == (0.1, 0.1, 0.9)
     assert make_cfg("task=webnlg").task.length_penalty == 0.8
+    assert (cfg.task.prompt_format, cfg.eval.decoder, cfg.eval.stop_texts, cfg.eval.precision) == (
+        "official", "official", ["\n\n"], "fp32")  # the official pipeline (README Evaluation)
 
 
 @pytest.mark.parametrize("override,match", [
@@ -57,6 +59,7 @@ def test_defaults_are_the_papers_e2e_setting():
     ("method=half", "method"), ("task.valid_fraction=1.0", "task.valid_fraction"),
     ("max_time_min=0", "max_time_min=0"), ("threads=0", "threads=0"),
     ("adam_beta2=1.5", "adam_beta2=1.5"), ("seed=-1", "seed=-1"),
+    ("task.prompt_format=bar", "task.prompt_format"), ("eval.decoder=bar", "eval.decoder"),
 ])
 def test_validation_names_the_key(override, match):
     with pytest.raises(UserError, match=match) as info:
