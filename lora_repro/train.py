@@ -26,7 +26,6 @@ import contextlib
 import dataclasses
 import hashlib
 import re
-import shutil
 import sys
 import time
 import traceback
@@ -182,7 +181,7 @@ def _run(dict_cfg: DictConfig) -> float | None:
 
         summary = train(cfg, run_dir)
     except Exception as e:
-        _remove_if_empty(run_dir)
+        rundir.remove_if_empty(run_dir)
         sweep = hydra_cfg.mode == RunMode.MULTIRUN
         bug = not isinstance(e, UserError | OSError)
         if not sweep:
@@ -208,16 +207,6 @@ def _run(dict_cfg: DictConfig) -> float | None:
 def _one_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return " ".join(lines) or repr(e)
-
-
-def _remove_if_empty(run_dir: Path) -> None:
-    """Remove a failed job's directory where it holds only what Hydra put there before the
-    job ran (its `train.log`, `.hydra/`) and the lock file of `rundir.hold`: a refused job
-    leaves nothing behind. A directory another process holds is left alone."""
-    if run_dir.is_dir() and not rundir.is_held(run_dir) and all(
-            p.name in ("train.log", ".hydra", f"{run_dir.name}.log", rundir.LOCK)
-            for p in run_dir.iterdir()):
-        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 def result_line(run_dir: Path, summary: dict) -> str:

@@ -204,8 +204,12 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torc
 def train(cfg: TrainConfig, run_dir: Path) -> dict:
     """Run (or resume, or skip if complete) one training job in `run_dir`; return its summary.
     The process holds `run_dir` throughout (`rundir.hold`): a second one gets a UserError."""
-    with rundir.hold(run_dir):
-        return _train(cfg, Path(run_dir))
+    try:
+        with rundir.hold(run_dir):
+            return _train(cfg, Path(run_dir))
+    except BaseException:
+        rundir.remove_if_empty(run_dir)  # refused before writing: no directory left behind
+        raise
 
 
 def _train(cfg: TrainConfig, run_dir: Path) -> dict:
