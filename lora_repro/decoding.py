@@ -152,3 +152,37 @@ def decode_and_score(
         )
     rundir.write_atomic(Path(run_dir) / rundir.PREDICTIONS, "".join(p + "\n" for p in predictions))
     return score(cfg.task.metrics, [list(t.references) for t in test], predictions)
+
+
+def score_base(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    test: list[TestSource],
+    cfg: TrainConfig,
+    run_dir: Path,
+    device: torch.device,
+) -> dict:
+    """The base model's test scores, before any training: decoded exactly as the trained
+    model will be (`cfg.eval`, `task.length_penalty`), outputs into `base_predictions.txt`.
+
+    Scored with the metrics that need no Java (BLEU and NIST for E2E, BLEU otherwise): the
+    JVM of METEOR and the PTB tokenizer costs about 10 CPU seconds a scoring, and BLEU is the
+    number that shows what training added."""
+    try:
+        from lora_repro import metrics
+    except ImportError:  # a bare GPU machine: score() warns about the trained model's scores
+        return {}
+    with autocast(cfg.precision, device)():
+        predictions = beam_decode(
+            model, tokenizer, [t.source for t in test],
+            beam=cfg.eval.beam, length_penalty=cfg.task.length_penalty,
+            no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size,
+            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+            max_prompt_length=cfg.task.max_length, device=device,
+        )
+    rundir.write_atomic(Path(run_dir) / rundir.BASE_PREDICTIONS,
+                        "".join(p + "\n" for p in predictions))
+    references = [list(t.references) for t in test]
+    if cfg.task.metrics == "e2e":
+        return metrics.score_e2e(references, predictions, ["BLEU", "NIST"])
+    return metrics.score_bleu_meteor(references, predictions, ["BLEU"])

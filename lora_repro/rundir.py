@@ -5,6 +5,7 @@
         adapter.safetensors     final LoRA factors (`lora_repro.lora.save_adapter`)
         metrics.jsonl           one JSON object per logged step or epoch
         predictions.txt         decoded test outputs, one line per unique source
+        base_predictions.txt    only for eval.base=true: the base model's, before training
         tokenizer/              only for model.tokenizer=bpe: the tokenizer trained on the task
         model/                  only for method=full: the fine-tuned model (Hugging Face format)
         summary.json            written last and atomically; a job without it is incomplete
@@ -32,6 +33,7 @@ CONFIG = "run_config.json"
 ADAPTER = "adapter.safetensors"
 METRICS = "metrics.jsonl"
 PREDICTIONS = "predictions.txt"
+BASE_PREDICTIONS = "base_predictions.txt"  # eval.base=true: the untrained base's outputs
 CHECKPOINT = "checkpoints/last.pt"
 TOKENIZER = "tokenizer"  # only for model.tokenizer=bpe, trained on the task
 MODEL = "model"  # method=full: the fine-tuned model as a Hugging Face directory
