@@ -39,7 +39,10 @@ from lora_repro.data.synthetic import descriptions
 
 CACHE_VERSION = 1
 # The pretraining recipe (any change gives a new cache key): AdamW with linear warm-up and
-# cosine decay, rows of BLOCK tokens packed from descriptions joined by eos, one pass.
+# cosine decay, rows of BLOCK tokens packed from descriptions joined by eos, about one pass.
+# Small batches and documents that repeat their venue (REPEATS) matter: the base must learn
+# to copy names and values seen earlier in its context, which LoRA then points at the MR;
+# with 3 repeats or batches of 16 that skill formed later than the 600 steps fit in a minute.
 BATCH, BLOCK, LR, WARMUP, WEIGHT_DECAY, TEXT_SEED = 8, 64, 3e-3, 20, 0.01, 0
 REPEATS = 8  # a document describes its venue 1..REPEATS times
 TOKENS_PER_DOCUMENT = 100  # about, eos included, for the BPE below: sizes the text to one pass
@@ -140,7 +143,7 @@ def _valid(path: Path, key: str) -> bool:
 def synthetic_base(cfg: ModelConfig) -> Path:
     """The directory of the pretrained base for `cfg` (`init=synthetic`), built if needed.
 
-    Building costs about `pretrain_steps` / 10 seconds on one CPU core, once per key.
+    Building costs about 20 s on one CPU core for the default 600 steps, once per key.
     """
     texts = pretraining_text(cfg.pretrain_steps)
     key = cache_key(cfg, texts)

@@ -175,9 +175,9 @@ def test_rerun_of_complete_run_is_skipped_and_other_settings_refused(tmp_path):
     mtime = (tmp_path / rundir.SUMMARY).stat().st_mtime_ns
     train(cfg, tmp_path)
     assert (tmp_path / rundir.SUMMARY).stat().st_mtime_ns == mtime
-    with pytest.raises(UserError, match="lr: 0.003 -> 0.001"):
+    with pytest.raises(UserError, match="lr: 0.006 -> 0.001"):
         train(make_cfg(*QUICK, "eval.test=false", "lr=1e-3"), tmp_path)
-    assert rundir.read_json(tmp_path / rundir.CONFIG)["lr"] == 0.003  # the refused run's untouched
+    assert rundir.read_json(tmp_path / rundir.CONFIG)["lr"] == 0.006  # the refused run's untouched
 
 
 def test_wandb_offline_writes_run_files(tmp_path):
