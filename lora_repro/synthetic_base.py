@@ -161,7 +161,11 @@ def synthetic_base(cfg: ModelConfig) -> Path:
         info = {"key": key, **build(cfg, texts, tmp)}
         (tmp / INFO).write_text(json.dumps(info, indent=2) + "\n")
         shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # a parallel job of the same sweep renamed its identical copy first
+            if not _valid(path, key):
+                raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
