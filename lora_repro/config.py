@@ -27,7 +27,9 @@ class ModelConfig:
     tokenizer: str = "gpt2-medium"  # hub id, local directory, "byt5" (bytes, no files), or
     # "bpe": a byte-level BPE of `vocab_size` trained on the task's train split (offline models)
     vocab_size: int = 1024
-    init: str = "pretrained"  # pretrained | random (shape below, seeded by init_seed)
+    init: str = "pretrained"  # pretrained | random (shape below, seeded by init_seed) |
+    # synthetic: that random init pretrained here on the synthetic domain's text, cached
+    # (`lora_repro/synthetic_base.py`; needs tokenizer "bpe", trained on the same text)
     n_layer: int = 24
     n_embd: int = 1024
     n_head: int = 16
@@ -35,6 +37,8 @@ class ModelConfig:
     init_seed: int = 0
     dropout: float = 0.0  # dropout inside the frozen base model; the paper's code has none
     attn_implementation: str = "sdpa"  # sdpa | eager
+    pretrain_steps: int = 600  # init=synthetic: steps of pretraining
+    cache_dir: str = "~/.cache/lora_repro/bases"  # init=synthetic: where pretrained bases live
 
 
 @dataclass
@@ -83,6 +87,7 @@ class EvalConfig:
     # fp32: as the official decoder (bf16 logits reorder near-equal beams) | auto | bf16, as
     # the top-level `precision`
     precision: str = "fp32"
+    base: bool = False  # also decode and score (BLEU, NIST) the base model before training
 
 
 @dataclass
@@ -132,7 +137,7 @@ class TrainConfig:
 
 ALLOWED = {
     "method": ("lora", "full"),
-    "model.init": ("pretrained", "random"),
+    "model.init": ("pretrained", "random", "synthetic"),
     "model.attn_implementation": ("sdpa", "eager"),
     "task.metrics": ("e2e", "generation_eval", "bleu_meteor"),
     "task.prompt_format": ("official", "text"),
@@ -167,7 +172,7 @@ def validate(cfg: TrainConfig) -> TrainConfig:
             raise UserError(f"dropout={cfg.dropout}: must be in [0, 1)")
     positive = ("lr", "epochs", "batch_size", "grad_accum", "eval.beam", "eval.max_new_tokens",
                 "eval.batch_size", "task.max_length", "task.block_size", "logger.every",
-                "model.n_positions")
+                "model.n_positions", "model.pretrain_steps")
     for key in positive:
         if not _get(cfg, key) > 0:
             raise UserError(f"{key}={_get(cfg, key)}: must be > 0")
@@ -190,7 +195,10 @@ def validate(cfg: TrainConfig) -> TrainConfig:
         raise UserError(f"threads={cfg.threads}: must be >= 1 or null")
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         raise UserError(f"device={cfg.device!r}: allowed values are auto, cpu, cuda, cuda:N")
-    if cfg.model.init == "random":
+    if cfg.model.init == "synthetic" and cfg.model.tokenizer != "bpe":
+        raise UserError(f"model.tokenizer={cfg.model.tokenizer!r}: model.init=synthetic brings "
+                        "its own tokenizer; set model.tokenizer=bpe")
+    if cfg.model.init != "pretrained":
         check_positions(cfg, cfg.model.n_positions)
     return cfg
 

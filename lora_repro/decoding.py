@@ -192,6 +192,27 @@ def score(task_metrics: str, references: list[list[str]], predictions: list[str]
     return metrics.score_bleu_meteor(references, predictions, wanted)
 
 
+def decode_test(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    test: list[TestSource],
+    cfg: TrainConfig,
+    device: torch.device,
+) -> list[str]:
+    """One output per test source, decoded with the run's settings: its prompt format,
+    `eval.*` (decoder, beam, stop texts, precision) and `task.length_penalty`."""
+    with autocast(cfg.eval.precision, device)():
+        return beam_decode(
+            model, tokenizer, [t.source for t in test],
+            beam=cfg.eval.beam, length_penalty=cfg.task.length_penalty,
+            no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size,
+            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
+            max_prompt_length=cfg.task.max_length, device=device,
+            prompt_format=cfg.task.prompt_format, stop_texts=cfg.eval.stop_texts,
+            decoder=cfg.eval.decoder,
+        )
+
+
 def decode_and_score(
     model: nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -202,19 +223,36 @@ def decode_and_score(
     predictions: str = rundir.PREDICTIONS,
 ) -> dict:
     """Merge LoRA (decoding then runs at the base model's speed), decode every test source
-    in the run's prompt format and `eval.precision`, write `predictions` (a file name) into
-    the run directory and return the test metrics."""
+    (`decode_test`), write `predictions` (a file name) into the run directory and return the
+    test metrics."""
     if lora_settings(model) is not None:
         merge_lora(model)
-    with autocast(cfg.eval.precision, device)():
-        outputs = beam_decode(
-            model, tokenizer, [t.source for t in test],
-            beam=cfg.eval.beam, length_penalty=cfg.task.length_penalty,
-            no_repeat_ngram_size=cfg.eval.no_repeat_ngram_size,
-            max_new_tokens=cfg.eval.max_new_tokens, batch_size=cfg.eval.batch_size,
-            max_prompt_length=cfg.task.max_length, device=device,
-            prompt_format=cfg.task.prompt_format, stop_texts=cfg.eval.stop_texts,
-            decoder=cfg.eval.decoder,
-        )
+    outputs = decode_test(model, tokenizer, test, cfg, device)
     rundir.write_atomic(Path(run_dir) / predictions, "".join(p + "\n" for p in outputs))
     return score(cfg.task.metrics, [list(t.references) for t in test], outputs, seen_flags(test))
+
+
+def score_base(
+    model: nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    test: list[TestSource],
+    cfg: TrainConfig,
+    run_dir: Path,
+    device: torch.device,
+) -> dict:
+    """The base model's test scores, before any training: decoded exactly as the trained
+    model will be (`decode_test`), outputs into `base_predictions.txt`.
+
+    Scored with the metrics that need no Java (BLEU and NIST for E2E, BLEU otherwise): the
+    JVM of METEOR and the PTB tokenizer costs about 10 CPU seconds a scoring, and BLEU is the
+    number that shows what training added."""
+    try:
+        from lora_repro import metrics
+    except ImportError:  # a bare GPU machine: score() warns about the trained model's scores
+        return {}
+    outputs = decode_test(model, tokenizer, test, cfg, device)
+    rundir.write_atomic(Path(run_dir) / rundir.BASE_PREDICTIONS, "".join(p + "\n" for p in outputs))
+    references = [list(t.references) for t in test]
+    if cfg.task.metrics == "e2e":
+        return metrics.score_e2e(references, outputs, ["BLEU", "NIST"])
+    return metrics.score_bleu_meteor(references, outputs, ["BLEU"])

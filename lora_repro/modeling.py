@@ -92,23 +92,30 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> GPT2LMHe
     """The base model in float32 on the CPU (the caller moves it).
 
     `init=pretrained` loads `cfg.name`; `init=random` builds the shape in `cfg` with the
-    tokenizer's vocabulary, seeded by `cfg.init_seed`, so a run can rebuild the same base.
+    tokenizer's vocabulary, seeded by `cfg.init_seed`, so a run can rebuild the same base;
+    `init=synthetic` loads that random init pretrained on the synthetic domain's text
+    (`lora_repro.synthetic_base`, built and cached on first use).
     """
-    if cfg.init == "pretrained":
+    if cfg.init in ("pretrained", "synthetic"):
+        name = cfg.name
+        if cfg.init == "synthetic":
+            from lora_repro.synthetic_base import synthetic_base
+
+            name = str(synthetic_base(cfg))
         try:
-            config = GPT2Config.from_pretrained(cfg.name)
+            config = GPT2Config.from_pretrained(name)
         except (OSError, ValueError) as e:
-            raise _unreachable("model.name", cfg.name, "model files (config.json, weights)") from e
+            raise _unreachable("model.name", name, "model files (config.json, weights)") from e
         try:
             return GPT2LMHeadModel.from_pretrained(
-                cfg.name,
+                name,
                 config=_no_dropout(config, cfg.dropout),
                 attn_implementation=cfg.attn_implementation,
                 dtype=torch.float32,
             )
         except OSError as e:  # a directory (or hub id) with a config but no weights
             what = "weights (model.safetensors or pytorch_model.bin, beside config.json)"
-            raise _unreachable("model.name", cfg.name, what) from e
+            raise _unreachable("model.name", name, what) from e
     config = GPT2Config(
         n_layer=cfg.n_layer,
         n_embd=cfg.n_embd,

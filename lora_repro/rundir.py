@@ -11,6 +11,7 @@ for the analysis commands (complete, failed, incomplete).
         metrics.jsonl           one JSON object per logged step or epoch
         predictions.txt         decoded test outputs, one line per unique source
         predictions-T.txt       side decodes (`evaluate decode --tag T`), with decode-T.json
+        base_predictions.txt    only for eval.base=true: the base model's, before training
         tokenizer/              only for model.tokenizer=bpe: the tokenizer trained on the task
         model/                  only for method=full: the fine-tuned model (Hugging Face format)
         summary.json            written last and atomically; a job without it is incomplete;
@@ -47,6 +48,7 @@ CONFIG = "run_config.json"
 ADAPTER = "adapter.safetensors"
 METRICS = "metrics.jsonl"
 PREDICTIONS = "predictions.txt"
+BASE_PREDICTIONS = "base_predictions.txt"  # eval.base=true: the untrained base's outputs
 CHECKPOINT = "checkpoints/last.pt"
 LOCK = ".lock"  # held (fcntl.flock) by the process running the job; names its holder
 TOKENIZER = "tokenizer"  # only for model.tokenizer=bpe, trained on the task

@@ -210,11 +210,13 @@ def _one_line(e: BaseException) -> str:
 
 
 def result_line(run_dir: Path, summary: dict) -> str:
-    """`runs/smoke/r4-qv-s1: val_loss 6.0110, BLEU 0.0000, ... (19 s)`: the job's final line."""
+    """`runs/smoke/r4-qv-s1: val_loss 0.8110, BLEU 0.6500 (base 0.1200), ... (19 s)`: the
+    job's final line; a metric the base model was also scored on (eval.base) shows both."""
     first = ["val_loss", "BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"]
-    found = summary["metrics"]
+    found, base = summary["metrics"], summary.get("base_metrics") or {}
     keys = [k for k in first if k in found] + sorted(set(found) - set(first) - {"val_ppl"})
-    metrics = ", ".join(f"{k} {found[k]:.4f}" for k in keys)
+    metrics = ", ".join(f"{k} {found[k]:.4f}" + (f" (base {base[k]:.4f})" if k in base else "")
+                        for k in keys)
     return f"{run_dir}: {metrics} ({summary['wall_time_s']:.0f} s)"
 
 

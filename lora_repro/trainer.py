@@ -45,6 +45,7 @@ from lora_repro.modeling import (
     resolve_device,
     train_bpe,
 )
+from lora_repro.synthetic_base import synthetic_base
 from lora_repro.tracking import Tracker
 
 
@@ -97,10 +98,12 @@ class Schedule:
 
 
 def run_tokenizer(cfg: TrainConfig, data: TaskData):
-    """The run's tokenizer; one trained on the task ("bpe"), which `train` saves to
-    `run_dir/tokenizer`."""
+    """The run's tokenizer; a "bpe" one (trained on the task, or the synthetic base's own,
+    trained on its pretraining text), which `train` saves to `run_dir/tokenizer`."""
     if cfg.model.tokenizer != "bpe":
         return load_tokenizer(cfg.model.tokenizer)
+    if cfg.model.init == "synthetic":
+        return load_tokenizer(str(synthetic_base(cfg.model)))
     texts = [prompt_text(ex.source, cfg.task.prompt_format) + " " + ex.target
              for ex in data.train]
     return train_bpe(texts, cfg.model.vocab_size)
@@ -243,6 +246,11 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
     model = load_model(cfg.model, tokenizer)
     check_positions(cfg, model.config.n_positions)  # a pretrained model's own
     base_id = base_fingerprint(model)
+    base_metrics = None
+    if cfg.eval.base and cfg.eval.test and test:  # where training starts, decoded as at its end
+        from lora_repro.decoding import score_base
+
+        base_metrics = score_base(model.to(device), tokenizer, test, cfg, run_dir, device)
     if cfg.method == "lora":
         apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout)
     else:
@@ -385,6 +393,7 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
         "config": asdict(cfg),
         "metrics": metrics,
         "base_fingerprint": base_id,
+        "base_metrics": base_metrics,
         "trainable_params": count_trainable(model),
         "total_params": sum(p.numel() for p in model.parameters()),
         "steps": step,

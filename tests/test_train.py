@@ -20,9 +20,9 @@ from lora_repro.trainer import train
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
 # The smoke preset, shrunk further: a few seconds per run.
-QUICK = ["+experiment=smoke", "max_steps=12", "task.n_train=60", "task.n_valid=8",
-         "task.n_test=4", "logger.wandb.mode=disabled", "logger.every=4", "eval.beam=2",
-         "eval.max_new_tokens=8"]
+QUICK = ["+experiment=smoke", "model.init=random", "eval.base=false", "max_steps=12",
+         "task.n_train=60", "task.n_valid=8", "task.n_test=4", "logger.wandb.mode=disabled",
+         "logger.every=4", "eval.beam=2", "eval.max_new_tokens=8"]
 
 
 def make_cfg(*overrides):
@@ -177,9 +177,9 @@ def test_rerun_of_complete_run_is_skipped_and_other_settings_refused(tmp_path):
     mtime = (tmp_path / rundir.SUMMARY).stat().st_mtime_ns
     train(cfg, tmp_path)
     assert (tmp_path / rundir.SUMMARY).stat().st_mtime_ns == mtime
-    with pytest.raises(UserError, match="lr: 0.003 -> 0.001"):
+    with pytest.raises(UserError, match="lr: 0.006 -> 0.001"):
         train(make_cfg(*QUICK, "eval.test=false", "lr=1e-3"), tmp_path)
-    assert rundir.read_json(tmp_path / rundir.CONFIG)["lr"] == 0.003  # the refused run's untouched
+    assert rundir.read_json(tmp_path / rundir.CONFIG)["lr"] == 0.006  # the refused run's untouched
 
 
 def test_wandb_offline_writes_run_files(tmp_path):
@@ -206,7 +206,8 @@ def test_cli_smoke_and_sweep_dirs(tmp_path):
     jobs = sorted(p.name for p in tmp_path.iterdir() if (p / rundir.SUMMARY).is_file())
     # The swept keys lead the name; the other overrides follow it.
     assert [j.split("_")[0] for j in jobs] == ["r1-qkvo-s1", "r1-qv-s1", "r2-qkvo-s1", "r2-qv-s1"]
-    assert jobs[0].endswith("_max_steps-12_task.n_test-4_task.n_train-60_task.n_valid-8")
+    assert jobs[0].endswith(
+        "_max_steps-12_model.init-random_task.n_test-4_task.n_train-60_task.n_valid-8")
     for job in jobs:  # each job ends with one line: its dir and final metrics
         val_loss = json.loads((tmp_path / job / rundir.SUMMARY).read_text())["metrics"]["val_loss"]
         assert f"{tmp_path / job}: val_loss {val_loss:.4f} (" in out.stdout

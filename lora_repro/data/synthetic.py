@@ -155,3 +155,22 @@ def synthetic_task(
         valid=[Example(s, r) for s, refs in splits["valid"] for r in refs],
         test=[TestSource(s, refs) for s, refs in splits["test"]],
     )
+
+
+
+def descriptions(n: int, seed: int = 0, max_per_venue: int = 3) -> list[str]:
+    """`n` documents of restaurant descriptions without their MRs: text of the task's domain.
+
+    A document describes one random venue 1..`max_per_venue` times, each time with freshly
+    drawn templates (`realize`), as a web page may say the same facts twice; a model learns
+    there to repeat names and values seen earlier in its context. The generator is seeded
+    apart from the task's (``("descriptions", seed)``), and no MR is written out: the text
+    teaches a base model the domain's language, never the mapping from an MR to its text
+    that the task trains. The pretraining text of `lora_repro.synthetic_base`.
+    """
+    rng = random.Random(f"descriptions|{seed}")
+    docs = []
+    for _ in range(n):
+        pairs = sample_mr(rng)
+        docs.append(" ".join(realize(pairs, rng) for _ in range(rng.randint(1, max_per_venue))))
+    return docs
