@@ -218,15 +218,17 @@ def find_runs(root: Path) -> list[Path]:
 _HELD: dict[Path, int] = {}  # run dirs this process holds -> open lock file descriptor
 
 
-def remove_if_empty(run_dir: Path) -> None:
+def remove_if_empty(run_dir: Path) -> bool:
     """Remove a failed job's directory where it holds only what was made before the job
     wrote anything: Hydra's `train.log` / `.hydra/` and the lock file of `hold`. A refused job
-    leaves nothing behind; a directory another process holds is left alone."""
+    leaves nothing behind; a directory another process holds is left alone. True if removed."""
     run_dir = Path(run_dir)
     if run_dir.is_dir() and not is_held(run_dir) and all(
             p.name in ("train.log", ".hydra", f"{run_dir.name}.log", LOCK)
             for p in run_dir.iterdir()):
         shutil.rmtree(run_dir, ignore_errors=True)
+        return True
+    return False
 
 
 def is_held(run_dir: Path) -> bool:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import re
 import sys
 import time
@@ -182,6 +183,8 @@ def _run(dict_cfg: DictConfig) -> float | None:
         summary = train(cfg, run_dir)
     except Exception as e:
         rundir.remove_if_empty(run_dir)
+        if not run_dir.exists():  # (train removes it too)
+            _drop_log_handlers(run_dir)
         sweep = hydra_cfg.mode == RunMode.MULTIRUN
         bug = not isinstance(e, UserError | OSError)
         if not sweep:
@@ -207,6 +210,18 @@ def _run(dict_cfg: DictConfig) -> float | None:
 def _one_line(e: BaseException) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     return " ".join(lines) or repr(e)
+
+
+def _drop_log_handlers(run_dir: Path) -> None:
+    """Close the logging file handlers that write into a removed job directory (Hydra's
+    `train.log`): a later log record (a launcher's worker reports the error) would otherwise
+    try to reopen it there and crash."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and \
+                Path(handler.baseFilename).resolve().parent == Path(run_dir).resolve():
+            root.removeHandler(handler)
+            handler.close()
 
 
 def result_line(run_dir: Path, summary: dict) -> str:
