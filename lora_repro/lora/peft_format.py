@@ -31,7 +31,6 @@ from lora_repro.lora.targets import TARGETS, group_by_module, parse_targets
 Factors = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
 PREFIX = "base_model.model."
 FUSED = "attn.c_attn"
-MODULES = {t.module for t in TARGETS.values()}
 KEY = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?h\.(\d+)\."
                  r"(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.lora_([AB])\.weight$")
 UNSUPPORTED = {"use_dora": "DoRA", "use_qalora": "QA-LoRA", "modules_to_save": "modules_to_save",
