@@ -13,7 +13,7 @@ import os
 import random
 import socket
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +69,8 @@ def load_data(cfg: TrainConfig):
                                    cfg.task.valid_fraction, cfg.task.seed, cache)
         train_set, valid_set, test = Blocks(train), Blocks(valid), []
     else:
-        data = task_data(cfg.task)
+        # No test split when nothing is decoded: E2E's paper references cost a spaCy pass.
+        data = task_data(cfg.task if cfg.eval.test else replace(cfg.task, test_file=None))
         tokenizer = run_tokenizer(cfg, data)
         fmt = cfg.task.prompt_format
         train_set = encode_dataset(tokenizer, data.train, cfg.task.max_length, fmt)
@@ -285,6 +286,12 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
         total_steps = schedule.total  # restored with the scheduler (a time budget may set it)
         _set_rng_state(ckpt["rng"])
         print(f"resuming {run_dir} at epoch {epoch}, step {step}")
+    compile_s = None
+    if fast:  # compile and record every batch shape now, not in the middle of training
+        t_compile = time.perf_counter()
+        fastpath.warm_up(loss_fn, model, fastpath.batch_shapes(lengths, cfg.batch_size, buckets),
+                         autocast, cfg.label_smoothing)
+        compile_s = time.perf_counter() - t_compile
     tracker = Tracker(run_dir, cfg.logger.wandb, asdict(cfg), group=cfg.name,
                       resume_step=step if ckpt is not None else None)
 
@@ -406,7 +413,8 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "git_commit": rundir.git_commit(),
         # When and where this process ran (a sweep's launcher and bench.sweep read them).
-        "warmup_s": warmup_s, "started_at": started_at, "first_step_at": first_step_at,
+        "warmup_s": warmup_s, "compile_s": compile_s, "started_at": started_at,
+        "first_step_at": first_step_at,
         "ended_at": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "versions": {"torch": torch.__version__},
