@@ -12,8 +12,9 @@ launches and Python, not by the GPU. The tricks, each one line of code:
    torch compiles the first length statically and the second with a symbolic length (its
    automatic dynamic shapes), then records one CUDA graph per bucket; `warm_up` does all
    of it before the first step, so no job stalls to compile or record mid-training (where
-   it would also slow every job sharing the GPU). `dynamic=True` (one symbolic compile) was
-   measured worse on an H200: 3-5x the cold compile time, and a segfault for qkvo.
+   it would also slow every job sharing the GPU). `dynamic=True` (one compile, every dim
+   symbolic) was tried on an H200: its qkvo jobs segfaulted while compiling; with torch's
+   default they run.
 3. cuDNN's SDPA backend is off: it pays 130-170 ms the first time it meets each sequence
    length; flash / memory-efficient attention have no such warm-up.
 4. Fused AdamW and bf16 autocast live in the trainer; losses stay on the device between log
