@@ -119,3 +119,32 @@ def test_a_fast_run_compiles_up_front_and_learns_as_the_plain_path(tmp_path, mon
     # the same math; padding and graph capture change rounding only
     assert len(losses("fast")) >= 5  # 4 log steps and the validations
     torch.testing.assert_close(losses("fast"), losses("plain"), rtol=1e-5, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("targets", ["qv", "qkvo"])
+def test_cuda_graphs_train_every_bucket_after_warm_up(targets):
+    """On CUDA, with inductor and CUDA graphs: the warm-up records every shape (its gradients
+    live in graph memory, which a second replay would overwrite) and training then neither
+    recompiles nor reads overwritten memory."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128,
+                                       n_positions=128, bos_token_id=1, eos_token_id=1))
+    apply_lora(model, targets, 2, 16, 0.1)
+    model.cuda().train()
+    buckets = fastpath.length_buckets(128)
+    lengths = [20, 40, 70, 100]
+    loss_fn = fastpath.compile_loss(lm_loss)
+    bf16 = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    fastpath.warm_up(loss_fn, model, fastpath.batch_shapes(lengths, 4, buckets), bf16)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in lengths * 2:
+            batch = fastpath.static_batch(features([n, n - 5], seed=n), PAD, 4, buckets)
+            fastpath.step_begin()
+            with bf16():
+                loss = loss_fn(model, batch["input_ids"].cuda(), batch["labels"].cuda())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            assert torch.isfinite(loss).item()
