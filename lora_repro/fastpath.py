@@ -66,14 +66,14 @@ def persistent_compile_cache() -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-def compile_loss(loss_fn, cuda_graphs: bool = True, backend: str = "inductor"):
-    """`loss_fn` compiled for training (one CUDA graph per length is recorded on first use);
-    with CUDA graphs call `step_begin()` every step."""
+def compile_loss(loss_fn, backend: str = "inductor"):
+    """`loss_fn` compiled for training, with CUDA graphs on inductor (one per length, recorded
+    on first use): call `step_begin()` every step. Tests pass another `backend`."""
     persistent_compile_cache()
     torch.backends.cuda.enable_cudnn_sdp(False)
     # One recorded graph per bucket is the design, not a shape leak: don't warn about it.
     torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
-    mode = "reduce-overhead" if cuda_graphs and backend == "inductor" else None
+    mode = "reduce-overhead" if backend == "inductor" else None
     return torch.compile(loss_fn, mode=mode, backend=backend)
 
 
