@@ -9,12 +9,12 @@ launches and Python, not by the GPU. The tricks, each one line of code:
    launch each. Graphs need static shapes, so batches are padded to length buckets (every
    16 tokens up to 256: E2E's batches are 88% real tokens, 79% with buckets of 32) and the
    last, smaller batch gets empty rows (label -100, so the loss is unchanged).
-   torch compiles the first length statically and the second with a symbolic length (its
-   automatic dynamic shapes), then records one CUDA graph per bucket; `warm_up` does all
-   of it before the first step, so no job stalls to compile or record mid-training (where
-   it would also slow every job sharing the GPU). `dynamic=True` (one compile, every dim
-   symbolic) was tried on an H200: its qkvo jobs segfaulted while compiling; with torch's
-   default they run.
+   `warm_up` marks the length dimension symbolic, so one compile serves every bucket
+   (torch's default would compile the first length statically, then again with a symbolic
+   length), then records one CUDA graph per bucket, all before the first step: no job
+   stalls to compile or record mid-training (where it would also slow every job sharing the
+   GPU). Only the length is symbolic: `dynamic=True` (every dim symbolic) was tried on an
+   H200 and its qkvo jobs segfaulted while compiling.
 3. cuDNN's SDPA backend is off: it pays 130-170 ms the first time it meets each sequence
    length; flash / memory-efficient attention have no such warm-up.
 4. Fused AdamW and bf16 autocast live in the trainer; losses stay on the device between log
@@ -85,15 +85,20 @@ def batch_shapes(lengths: list[int], batch_size: int, buckets: list[int]) -> lis
 
 def warm_up(loss_fn, model: torch.nn.Module, shapes: list[tuple[int, int]], autocast,
             label_smoothing: float = 0.0) -> None:
-    """Run `loss_fn` forward and backward twice on a dummy batch of each shape: the first
-    call compiles (or loads from the cache) and warms CUDA-graph trees, the second records
-    the graph. Afterwards training meets only recorded shapes. The RNG streams are restored
-    and the gradients dropped, so training then runs exactly as it would without this."""
+    """Run `loss_fn` forward and backward twice on a dummy batch of each (rows, length)
+    shape: the first call compiles (or loads from the cache) and warms CUDA-graph trees, the
+    second records the graph. With several lengths, the first batch's length is marked
+    symbolic: one compile for all. Afterwards training meets only recorded shapes. The RNG
+    streams are restored and the gradients dropped, so training then runs exactly as it
+    would without this."""
     device = next(model.parameters()).device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for rows, length in shapes:
             ids = torch.zeros((rows, length), dtype=torch.long, device=device)
             labels = ids.clone()  # one tensor passed twice would compile an aliasing graph
+            if len({n for _, n in shapes}) > 1:
+                for x in (ids, labels):
+                    torch._dynamo.maybe_mark_dynamic(x, 1)
             for _ in range(2):
                 step_begin()
                 with autocast():
