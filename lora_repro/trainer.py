@@ -355,8 +355,12 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
             if fitted != total_steps:  # the time budget shortens the run and its schedule
                 total_steps = schedule.total = bar.total = fitted
             if step % cfg.logger.every == 0 or step == total_steps:
+                # .item() waits for the GPU to finish the steps queued so far: read the clock
+                # after it, or tokens/s counts how fast steps were queued, not trained (several
+                # times too high when jobs share a GPU)
+                train_loss = loss_sum.item() / steps_logged
                 elapsed = time.perf_counter() - t_log
-                metrics = {"train_loss": loss_sum.item() / steps_logged,
+                metrics = {"train_loss": train_loss,
                            "lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens / elapsed,
                            "epoch": round(epoch + batch_index / len(batches), 4)}  # epochs done
                 if not math.isfinite(metrics["train_loss"]):
@@ -372,6 +376,8 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
                 checkpoint()
         if batch_index >= len(batches):
             epoch, batch_index = epoch + 1, 0
+            if device.type == "cuda":  # the queued training steps are not validation time
+                torch.cuda.synchronize(device)
             t_val = time.perf_counter()
             val_loss = validation_loss(model, valid_set, cfg.eval.batch_size, pad_id, device,
                                        autocast)
