@@ -15,11 +15,11 @@ report says so):
 - sequential: per_gpu=1 (one job at a time) on the ranks `--seq-ranks` (both targets); its
   10-job wall time is projected from the mean job.
 - per_gpu: the sweep again at each of `--per-gpu-sweep`, while the budget lasts.
-Per part: wall time; aggregate real tokens/s while the most jobs trained at once (from the
-jobs' timed metrics lines) and over the wall time; per job: warm-up (to the first step),
-real tokens/s and ms/step after the first log interval, peak memory, GPU; jobs per GPU and
-the most jobs alive at once on a GPU (from the jobs' own summary.json); the projected wall
-time of the sweep at the paper's setting (26,290 steps per job).
+Per part: wall time; aggregate real tokens/s while any job trained, and over the wall time;
+per job: warm-up (to the first step), wall-clock ms/step and real tokens/s after the first
+log line, peak memory, GPU; jobs per GPU and the most jobs alive at once on a GPU (all from
+the jobs' own summary.json and metrics.jsonl); the projected wall time of the sweep at the
+paper's setting (26,290 steps per job).
 """
 
 from __future__ import annotations
@@ -98,39 +98,34 @@ def run_sweep(argv: list[str], env: dict, timeout: float) -> tuple[float, int | 
 
 
 def job_record(job_dir: Path) -> dict | None:
-    """A finished job's summary and its timed log intervals (after the first, which holds
-    the compilation): [(start, end, real tokens)]."""
+    """A finished job's summary and its step time: wall-clock ms per step between its first
+    and last log lines (the first step, which holds the compilation, left out); its real
+    tokens/s is then its mean real tokens per step over that step time."""
     if not (job_dir / "summary.json").is_file():
         return None
     summary = json.loads((job_dir / "summary.json").read_text())
     lines = [json.loads(x) for x in (job_dir / "metrics.jsonl").read_text().splitlines()]
-    lines = [x for x in lines if "tokens_per_s" in x and "time" in x]
-    intervals = [(a["time"], b["time"], b["tokens_per_s"] * (b["time"] - a["time"]))
-                 for a, b in zip(lines, lines[1:], strict=False)]
-    span = sum(e - s for s, e, _ in intervals)
+    lines = [x for x in lines if "train_loss" in x and "time" in x]
     steps = lines[-1]["step"] - lines[0]["step"] if len(lines) > 1 else 0
+    ms = 1e3 * (lines[-1]["time"] - lines[0]["time"]) / steps if steps else None
+    tokens_per_step = summary["train_tokens"] / summary["steps"]
     return {"job": job_dir.name.split("_")[0], "gpu": summary.get("cuda_visible_devices"),
             "warmup_s": summary.get("warmup_s"), "compile_s": summary.get("compile_s"),
             "peak_gib": summary.get("peak_memory_gib"),
-            "tokens_per_s": sum(t for *_, t in intervals) / span if span else None,
-            "ms_per_step": 1e3 * span / steps if steps else None,
-            "train_tokens": summary["train_tokens"], "intervals": intervals,
+            "tokens_per_s": tokens_per_step / ms * 1e3 if ms else None, "ms_per_step": ms,
+            "train_tokens": summary["train_tokens"], "tokens_per_step": tokens_per_step,
             "started_at": summary["started_at"], "ended_at": summary["ended_at"]}
 
 
-def aggregate(jobs: list[dict]) -> tuple[int, float | None, float]:
-    """(most jobs training at once, their summed real tokens/s over the time that many
-    trained, that time in s), from the jobs' timed log intervals."""
-    edges = sorted({t for j in jobs for s, e, _ in j["intervals"] for t in (s, e)})
-    pieces = []  # (jobs training, tokens/s summed, seconds) between consecutive edges
-    for a, b in zip(edges, edges[1:], strict=False):
-        live = [tok / (e - s) for j in jobs for s, e, tok in j["intervals"] if s <= a and b <= e]
-        pieces.append((len(live), sum(live), b - a))
-    if not pieces:
-        return 0, None, 0.0
-    most = max(n for n, _, _ in pieces)
-    seconds = sum(d for n, _, d in pieces if n == most)
-    return most, sum(r * d for n, r, d in pieces if n == most) / seconds, seconds
+def aggregate(jobs: list[dict]) -> tuple[float | None, float]:
+    """(real tokens/s, s): all the jobs' real tokens over the time at least one of them
+    trained (from its first step to its end, validation included), from their records."""
+    spans = sorted((j["started_at"] + j["warmup_s"], j["ended_at"]) for j in jobs)
+    busy, end = 0.0, -math.inf
+    for s, e in spans:  # the length of the union of the spans
+        busy += max(0.0, e - max(s, end))
+        end = max(end, e)
+    return (sum(j["train_tokens"] for j in jobs) / busy if busy else None), busy
 
 
 def most_at_once(jobs: list[dict]) -> int:
@@ -144,12 +139,13 @@ def most_at_once(jobs: list[dict]) -> int:
 
 def summarize(part: str, gpus: str, per_gpu: int, jobs: list[dict], wall: float, rc,
               n_sweep: int) -> dict:
-    most, agg, agg_s = aggregate(jobs)
+    agg, agg_s = aggregate(jobs) if jobs else (None, 0.0)
     med = lambda key: statistics.median(v) if (v := [j[key] for j in jobs if j[key]]) else None
     n_gpus = len(gpus.split(","))
     waves = math.ceil(n_sweep / (per_gpu * n_gpus))
-    step_ms, warm = med("ms_per_step"), med("warmup_s")
-    projected = waves * (warm + common.PAPER_E2E_STEPS * step_ms / 1e3) / 60 if step_ms else None
+    warm = med("warmup_s")
+    paper_tokens = n_sweep * common.PAPER_E2E_STEPS * (med("tokens_per_step") or 0)
+    projected = (waves * warm + paper_tokens / agg) / 60 if agg and warm else None
     per_gpu_count = {}
     for j in jobs:
         per_gpu_count[j["gpu"]] = per_gpu_count.get(j["gpu"], 0) + 1
@@ -157,9 +153,9 @@ def summarize(part: str, gpus: str, per_gpu: int, jobs: list[dict], wall: float,
         "part": part, "gpus": gpus, "per_gpu": per_gpu, "jobs": len(jobs), "wall_s": wall,
         "status": "ok" if rc in (0, 2) else str(rc),
         "wall_10_jobs_s": wall * n_sweep / len(jobs) if part == "sequential" and jobs else wall,
-        "aggregate_tokens_per_s": agg, "aggregate_jobs": most, "aggregate_s": agg_s,
+        "aggregate_tokens_per_s": agg, "aggregate_s": agg_s,
         "effective_tokens_per_s": sum(j["train_tokens"] for j in jobs) / wall,
-        "job_tokens_per_s": med("tokens_per_s"), "ms_per_step": step_ms,
+        "job_tokens_per_s": med("tokens_per_s"), "ms_per_step": med("ms_per_step"),
         "vs_alone": None,  # set once the sequential part (a job alone) has run
         "warmup_first_s": min((j["warmup_s"] for j in jobs if j["warmup_s"]), default=None),
         "warmup_median_s": warm, "warmup_max_s": max((j["warmup_s"] or 0 for j in jobs),
@@ -210,7 +206,8 @@ def main(argv=None) -> dict:
             skipped.append(f"{part} on GPUs {gpus} (about {waves * (last_job_s or 0):.0f} s; "
                            f"{left:.0f} s left)")
             continue
-        sweep_dir = work / f"{part}-gpus{gpus.replace(',', '+')}"
+        # no "=" in the path: Hydra would read `hydra.sweep.dir=...per_gpu=10...` as two keys
+        sweep_dir = work / f"{part.replace('=', '')}-gpus{gpus.replace(',', '+')}"
         argv = [*sweep_args(args, ranks, targets, steps), f"hydra.sweep.dir={sweep_dir}",
                 f"hydra.launcher.gpus=[{gpus}]", f"hydra.launcher.per_gpu={per_gpu}"]
         print(f"{part}: {n_jobs} jobs, GPUs {gpus}, per_gpu {per_gpu}", file=sys.stderr)
@@ -224,8 +221,7 @@ def main(argv=None) -> dict:
         elif last_job_s is None:
             last_job_s = 30.0 if not args.tiny else 0.0
         rows.append(summarize(part, gpus, per_gpu, jobs, wall, rc, n_sweep))
-        job_rows += [{"part": part, **{k: v for k, v in j.items() if k != "intervals"}}
-                     for j in jobs]
+        job_rows += [{"part": part, **j} for j in jobs]
     for row in rows:  # step time against a job alone (the sequential part's)
         if row["ms_per_step"] and alone_ms:
             row["vs_alone"] = row["ms_per_step"] / alone_ms
@@ -247,14 +243,15 @@ def report(args, rows, job_rows, skipped, total_s, n_sweep, note) -> dict:
     notes = [
         f"{n_sweep}-job sweep ({grid}), {note}; each part is one "
         "`python -m lora_repro.train -m ...` command with the parallel launcher. Aggregate: "
-        "the jobs' real tokens/s summed over the time the most of them trained at once (from "
-        "their timed metrics lines; the first log interval, which holds compilation, left "
-        "out); effective: all real tokens over the wall time. Warm-up: a job's time to its "
-        "first step (data, model, compilation); compile: the part of it spent compiling and "
-        "recording every batch shape (`fastpath.warm_up`). x alone: per-job ms/step against the "
-        "sequential part's. 10-job wall of the sequential part: its wall x 10 / its jobs. "
-        "Projected: ceil(10 / slots) waves x (median warm-up + 26,290 "
-        "steps at the part's median ms/step).",
+        "all the jobs' real tokens over the time at least one of them trained (first step to "
+        "end, validation included); effective: over the wall time. Per job: wall-clock ms/step "
+        "between its first and last log lines, and its mean real tokens per step over that. "
+        "Warm-up: a job's time to its first step (data, model, compilation); compile: the "
+        "part of it spent compiling and recording every batch shape (`fastpath.warm_up`). "
+        "x alone: per-job ms/step against the sequential part's. 10-job wall of the "
+        "sequential part: its wall x 10 / its jobs. Projected: ceil(10 / slots) waves x the "
+        "median warm-up, plus the paper sweep's real tokens (10 x 26,290 steps x the mean "
+        "tokens per step) at the part's aggregate rate.",
         "",
         f"Whole benchmark: {total_s:.0f} s (budget {args.budget_s:.0f} s)."
         + (f" Skipped for the budget: {'; '.join(skipped)}." if skipped else ""),
@@ -263,7 +260,7 @@ def report(args, rows, job_rows, skipped, total_s, n_sweep, note) -> dict:
                ("jobs", "jobs", "d"), ("wall_s", "wall s", ".0f"),
                ("wall_10_jobs_s", "10-job wall s", ".0f"),
                ("aggregate_tokens_per_s", "aggregate tok/s", ",.0f"),
-               ("aggregate_jobs", "at once", "d"), ("aggregate_s", "over s", ".0f"),
+               ("aggregate_s", "over s", ".0f"),
                ("effective_tokens_per_s", "effective tok/s", ",.0f"),
                ("job_tokens_per_s", "per-job tok/s", ",.0f"), ("ms_per_step", "ms/step", ".1f"),
                ("vs_alone", "x alone", ".2f"), ("warmup_first_s", "warm-up min s", ".0f"),

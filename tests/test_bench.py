@@ -57,3 +57,14 @@ def test_sweep_tiny(tmp_path):
     assert sorted(j["job"] for j in jobs) == ["r1-qv-s1", "r1-qv-s1", "r2-qv-s1"]
     assert all(j["warmup_s"] > 0 and j["tokens_per_s"] > 0 for j in jobs)
     assert parts[0]["aggregate_tokens_per_s"] > 0 and parts[0]["wall_10_jobs_s"] > 0
+
+
+def test_sweep_aggregate_is_tokens_over_the_union_of_training_spans():
+    from bench import sweep
+
+    def job(start, warm, end, tokens):
+        return {"started_at": start, "warmup_s": warm, "ended_at": end, "train_tokens": tokens}
+
+    # training spans [10, 30] and [20, 40] overlap, [50, 60] stands alone: 40 s busy
+    jobs = [job(0, 10, 30, 100), job(5, 15, 40, 200), job(45, 5, 60, 100)]
+    assert sweep.aggregate(jobs) == (400 / 40, 40.0)
