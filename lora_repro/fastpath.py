@@ -9,12 +9,13 @@ launches and Python, not by the GPU. The tricks, each one line of code:
    launch each. Graphs need static shapes, so batches are padded to length buckets (every
    16 tokens up to 256: E2E's batches are 88% real tokens, 79% with buckets of 32) and the
    last, smaller batch gets empty rows (label -100, so the loss is unchanged).
-   `warm_up` marks the length dimension symbolic, so one compile serves every bucket
-   (torch's default would compile the first length statically, then again with a symbolic
-   length), then records one CUDA graph per bucket, all before the first step: no job
-   stalls to compile or record mid-training (where it would also slow every job sharing the
-   GPU). Only the length is symbolic: `dynamic=True` (every dim symbolic) was tried on an
-   H200 and its qkvo jobs segfaulted while compiling.
+   `warm_up` marks the length dimension symbolic, so one compile can serve every bucket
+   (torch's default compiles the first length statically, then again with a symbolic
+   length; on inductor, guards on the length range still add one or two compiles: 2 graphs
+   for qv, 3 for qkvo, seen on an H200). It then records one CUDA graph per bucket, all
+   before the first step: no job stalls to compile or record mid-training (where it would
+   also slow every job sharing the GPU). Only the length is symbolic: `dynamic=True` (every
+   dim symbolic) was tried on an H200 and its qkvo jobs segfaulted while compiling.
 3. cuDNN's SDPA backend is off: it pays 130-170 ms the first time it meets each sequence
    length; flash / memory-efficient attention have no such warm-up.
 4. Fused AdamW and bf16 autocast live in the trainer; losses stay on the device between log
