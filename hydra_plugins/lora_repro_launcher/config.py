@@ -13,8 +13,9 @@ class ParallelLauncherConf:
     # GPUs to use, as CUDA_VISIBLE_DEVICES entries ([0, 1]); null: every visible GPU;
     # []: none (CPU). Env LORA_REPRO_GPUS="0,1" ("" for none) sets it too.
     gpus: Any = None
-    # Jobs at once on each GPU (each job one process). Several small jobs share a GPU well:
-    # see bench/RESULTS.md, "Sweep".
+    # Jobs at once on each GPU (each job one process). On an H200 the tokens/s of all jobs
+    # together stopped growing at 2 (bench/RESULTS.md, "Sweep"); 4 also overlaps one job's
+    # warm-up with the others' training.
     per_gpu: int = 4
     # Jobs at once without GPUs. 1 runs them one after another in this process, as
     # Hydra's basic launcher does.

@@ -3,14 +3,17 @@
     python -m lora_repro.train -m rank=1,2,4,8,64 targets=qv,qkvo     # every visible GPU
     python -m lora_repro.train -m ... hydra.launcher.gpus=[0,1] hydra.launcher.per_gpu=8
 
-One job at the paper's setting (GPT-2 Medium, batch 8, ~64 tokens) keeps a small part of a
-GPU busy, and several such processes on one GPU each train at nearly full speed
-(bench/RESULTS.md, "Sweep"). Each job runs in a fresh process (`worker.py`) that sees one GPU
-(`CUDA_VISIBLE_DEVICES`); jobs wait in a queue for a free slot, `per_gpu` slots per GPU
-(`workers` without GPUs). Each job's own output (its progress bar, warnings, a traceback)
-goes to `<job dir>/train.log`; the terminal gets one line per job as it starts and ends and
-one progress bar for the sweep. Without GPUs and with `workers=1` (the default on a CPU
-machine) the jobs run one after another in this process, exactly as Hydra's basic launcher.
+One job at the paper's setting (GPT-2 Medium, batch 8, ~64 tokens) leaves its GPU idle
+while it loads, compiles and validates, and between its small kernels; other jobs on the same
+GPU fill those gaps. On an H200, 2 to 10 jobs at once trained 1.2-1.3x the tokens per
+second of one alone; the GPU was then saturated (bench/RESULTS.md, "Sweep").
+
+Each job runs in a fresh process (`worker.py`) that sees one GPU (`CUDA_VISIBLE_DEVICES`);
+jobs wait in a queue for a free slot, `per_gpu` slots per GPU (`workers` without GPUs). Each
+job's own output (its progress bar, warnings, a traceback) goes to `<job dir>/train.log`; the
+terminal gets one line per job as it starts and ends and one progress bar for the sweep.
+Without GPUs and with `workers=1` (the default on a CPU machine) the jobs run one after
+another in this process, exactly as Hydra's basic launcher.
 
 Why not hydra-joblib-launcher (the maintained parallel launcher): joblib's loky backend reuses
 its worker processes across jobs and gives no way to pin a job to a GPU. A CUDA context
