@@ -89,7 +89,8 @@ def warm_up(loss_fn, model: torch.nn.Module, shapes: list[tuple[int, int]], auto
     """Run `loss_fn` forward and backward twice on a dummy batch of each (rows, length)
     shape: the first call compiles (or loads from the cache) and warms CUDA-graph trees, the
     second records the graph. With several lengths, the first batch's length is marked
-    symbolic: one compile for all. Afterwards training meets only recorded shapes. The RNG
+    symbolic, so one compile can serve all (inductor may still add a length-range guard and
+    compile again, see above). Afterwards training meets only recorded shapes. The RNG
     streams are restored and the gradients dropped, so training then runs exactly as it
     would without this."""
     device = next(model.parameters()).device
