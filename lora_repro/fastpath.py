@@ -67,14 +67,15 @@ def persistent_compile_cache() -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-def compile_loss(loss_fn, backend: str = "inductor"):
+def compile_loss(loss_fn, backend: str = "inductor", cuda_graphs: bool = True):
     """`loss_fn` compiled for training, with CUDA graphs on inductor (one per length, recorded
-    on first use): call `step_begin()` every step. Tests pass another `backend`."""
+    on first use): call `step_begin()` every step. Tests pass another `backend`;
+    bench.step_profile turns the graphs off to profile the same kernels one by one."""
     persistent_compile_cache()
     torch.backends.cuda.enable_cudnn_sdp(False)
     # One recorded graph per bucket is the design, not a shape leak: don't warn about it.
     torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
-    mode = "reduce-overhead" if backend == "inductor" else None
+    mode = "reduce-overhead" if backend == "inductor" and cuda_graphs else None
     return torch.compile(loss_fn, mode=mode, backend=backend)
 
 

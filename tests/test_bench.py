@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import analysis_grid, inference, train_step
+from bench import analysis_grid, inference, step_profile, train_step
 
 pytest.importorskip("peft")  # the baselines need the `bench` extra
 
@@ -18,6 +18,20 @@ def test_train_step_tiny(tmp_path):
     assert rows["peft LoRA, fp32, padded to 512"]["tokens_per_s"] > 0
     fast, plain = result["curves"]["fast"], result["curves"]["plain"]
     assert fast == plain  # on CPU both are the eager path from the same seed and batches
+
+
+def test_step_profile_tiny(tmp_path):
+    out = tmp_path / "step_profile.json"
+    step_profile.main(["--tiny", "--out", str(out)])
+    steps, top = json.loads(out.read_text())["tables"][0]["rows"], step_profile.TOP
+    qv, qkvo = steps
+    assert (qv["targets"], qkvo["targets"]) == ("qv", "qkvo")
+    assert all(s["kernel_ms"] > 0 and s["busy"] > 0 for s in steps)
+    assert qkvo["kernels"] > qv["kernels"]  # LoRA on k and o adds operators to each layer
+    kernels = json.loads(out.read_text())["tables"][1]["rows"]
+    for targets in ("qv", "qkvo"):
+        us = [k["us"] for k in kernels if k["targets"] == targets]
+        assert len(us) == top and us == sorted(us, reverse=True)
 
 
 def test_inference_tiny(tmp_path):

@@ -1,0 +1,146 @@
+"""Step profile: where one fast-path LoRA training step spends its time, kernel by kernel.
+
+    python -m bench.step_profile            # GPU: GPT-2 Medium shape, E2E dev batches, batch 8
+    python -m bench.step_profile --tiny     # CPU smoke test of the script itself
+
+For targets qv and qkvo (r=4): the step as the trainer runs it (compiled loss, CUDA graphs,
+bf16 autocast, fused AdamW), timed with the device synchronized; then the same compiled step
+without CUDA graphs under torch.profiler (the same kernels, launched one by one: a profile of
+graph replays need not list them), summed per kernel name. Kernel time per step against the
+step's wall time says whether the GPU's work or what surrounds it bounds a step, and so
+whether jobs sharing a GPU can overlap (bench.sweep); the top kernels say which work to cut.
+On CPU (--tiny) the plain eager step is profiled and its operators take the kernels' place.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from bench import common
+from lora_repro import fastpath
+from lora_repro.data import length_grouped_batches
+from lora_repro.lora import apply_lora
+from lora_repro.trainer import lm_loss
+
+RANK, ALPHA, DROPOUT, SMOOTH, BATCH, TOP = 4, 32.0, 0.1, 0.1, 8, 12
+
+
+def step_fn(model, loss_fn, device, graphs: bool):
+    """One training step on a static batch, as the trainer's fast path runs it."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=2e-4, weight_decay=0.01, fused=device.type == "cuda")
+
+    def step(batch: dict[str, torch.Tensor]) -> None:
+        if graphs:
+            fastpath.step_begin()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(model, batch["input_ids"], batch["labels"], SMOOTH)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def kernel_table(prof, steps: int, on_gpu: bool) -> list[dict]:
+    """Per kernel (GPU) or operator (CPU) name: calls and microseconds per step, self time."""
+    rows = []
+    for e in prof.key_averages():
+        us = e.self_device_time_total if on_gpu else e.self_cpu_time_total
+        if (e.device_type.name == "CUDA") == on_gpu and us > 0:
+            rows.append({"kernel": e.key, "calls": e.count / steps, "us": us / steps})
+    return sorted(rows, key=lambda r: -r["us"])
+
+
+def measure(targets: str, shape, tokenizer, batches, device, steps: int) -> tuple[dict, list]:
+    """(the step's row, its top kernels) for one target set."""
+    on_gpu = device.type == "cuda"
+    model = apply_lora(common.base_model(shape, tokenizer, device), targets, RANK, ALPHA,
+                       DROPOUT).train()
+    shapes = sorted({tuple(b["input_ids"].shape) for b in batches})
+    row = {"targets": targets, "shapes": len(shapes)}
+
+    def timed(graphs: bool):
+        """Compile (on GPU), warm up, run every batch: (the step, warm-up s, ms/step)."""
+        t0 = time.perf_counter()
+        loss_fn = lm_loss
+        if on_gpu:
+            torch._dynamo.reset()  # each case compiles afresh (and stays under dynamo's limit)
+            loss_fn = fastpath.compile_loss(lm_loss, cuda_graphs=graphs)
+            fastpath.warm_up(loss_fn, model, shapes,
+                             lambda: torch.autocast("cuda", dtype=torch.bfloat16), SMOOTH)
+        step = step_fn(model, loss_fn, device, graphs)
+        for batch in batches[:3]:
+            step(batch)
+        common.sync(device)
+        t1 = time.perf_counter()
+        for batch in batches:
+            step(batch)
+        common.sync(device)
+        return step, t1 - t0, 1e3 * (time.perf_counter() - t1) / len(batches)
+
+    step, row["warmup_s"], row["wall_ms"] = timed(graphs=on_gpu)
+    if on_gpu:
+        step, _, row["wall_no_graphs_ms"] = timed(graphs=False)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])
+    with profile(activities=activities) as prof:
+        for batch in batches[:steps]:
+            step(batch)
+        common.sync(device)
+    kernels = kernel_table(prof, min(steps, len(batches)), on_gpu)
+    total = sum(k["us"] for k in kernels)
+    row.update(kernel_ms=total / 1e3, kernels=sum(k["calls"] for k in kernels),
+               busy=total / 1e3 / row["wall_ms"])
+    return row, [{"targets": targets, **k, "share": k["us"] / total} for k in kernels[:TOP]]
+
+
+def main(argv=None) -> dict:
+    args = common.arguments(__doc__.splitlines()[0]).parse_args(argv)
+    tokenizer, shape, encoded, _, device = common.setup(args)
+    steps = 3 if args.tiny else 20
+    lengths = [len(x["input_ids"]) for x in encoded]
+    buckets = fastpath.length_buckets(512)
+    batches = []
+    for idx in length_grouped_batches(lengths, BATCH, seed=0, epoch=0)[:2 * steps]:
+        batch = fastpath.static_batch([encoded[i] for i in idx], tokenizer.pad_token_id, BATCH,
+                                      buckets)
+        batches.append({k: v.to(device) for k, v in batch.items()})
+    rows, tops = [], []
+    for targets in ("qv", "qkvo"):
+        row, top = measure(targets, shape, tokenizer, batches, device, steps)
+        rows.append(row)
+        tops += top
+    unit = "kernels" if device.type == "cuda" else "operators (CPU, eager)"
+    notes = [
+        f"LoRA r={RANK}, batch {BATCH}, {len(batches)} length-grouped E2E batches (padded to "
+        f"the fast path's buckets), timed after a warm-up; {steps} of them profiled. Wall: "
+        "the step as training runs it (CUDA graphs), device synchronized. Kernel time: the "
+        f"self time of the step's {unit} per step, from torch.profiler over the same compiled "
+        "step without CUDA graphs. Busy: kernel time / wall time. The second table: the top "
+        f"{TOP} {unit} of each step by time, with their share of its kernel time.",
+    ]
+    columns = [("targets", "targets", "s"), ("shapes", "batch shapes", "d"),
+               ("wall_ms", "wall ms/step", ".2f"),
+               ("wall_no_graphs_ms", "no CUDA graphs ms/step", ".2f"),
+               ("kernel_ms", "kernel ms/step", ".2f"), ("kernels", "kernels/step", ".0f"),
+               ("busy", "busy", ".0%"), ("warmup_s", "warm-up s", ".0f")]
+    top_columns = [("targets", "targets", "s"), ("kernel", "kernel", "s"),
+                   ("calls", "calls/step", ".1f"), ("us", "us/step", ",.1f"),
+                   ("share", "share", ".1%")]
+    for t in tops:  # a table cell: no pipes, and long template names cut
+        t["kernel"] = t["kernel"].replace("|", "/")[:90]
+    result = {
+        "title": "Step profile (GPT-2 Medium shape, E2E, batch 8, LoRA r=4)",
+        "command": "python -m bench.step_profile" + (" --tiny" if args.tiny else ""),
+        "environment": common.environment(device), "notes": notes,
+        "tables": [{"columns": columns, "rows": rows}, {"columns": top_columns, "rows": tops}],
+    }
+    common.save("step_profile", args, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
