@@ -117,6 +117,7 @@ def precheck(args: list[str]) -> None:
     keys at their first value; other sweep syntax (range(), glob()) and command lines with
     Hydra's other flags (--cfg, --config-name, ...) are left to Hydra.
     """
+    check_launcher(args)
     if any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):
         return
     overrides = [a for a in args if not a.startswith(("-", "hydra.", "hydra/", "+hydra"))]
@@ -127,6 +128,15 @@ def precheck(args: list[str]) -> None:
         if key not in checked:  # each task's files once, however many jobs share them
             check_job(cfg)
             checked.add(key)
+
+
+def check_launcher(args: list[str]) -> None:
+    """The parallel launcher's counts of jobs at once, given on the command line."""
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if key in ("hydra.launcher.per_gpu", "hydra.launcher.workers") and not (
+                value.isdigit() and int(value) >= 1):
+            raise UserError(f"{key}={value}: must be an integer >= 1 (jobs at once)")
 
 
 def check_job(cfg: TrainConfig) -> None:
