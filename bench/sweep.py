@@ -57,6 +57,8 @@ def parse(argv):
                         "which finish warming up at different times, to train side by side")
     p.add_argument("--cold-steps", type=int, default=60)
     p.add_argument("--budget-s", type=float, default=900, help="the whole benchmark's limit")
+    p.add_argument("--mps", action="store_true",
+                   help="every part under an MPS server (hydra.launcher.mps=true)")
     p.add_argument("--cache-dir", default=None, help="compile cache (default: a fresh one)")
     p.add_argument("--work-dir", default=None, help="sweep dirs (default: a temp dir)")
     args = p.parse_args(argv)
@@ -209,7 +211,8 @@ def main(argv=None) -> dict:
         # no "=" in the path: Hydra would read `hydra.sweep.dir=...per_gpu=10...` as two keys
         sweep_dir = work / f"{part.replace('=', '')}-gpus{gpus.replace(',', '+')}"
         argv = [*sweep_args(args, ranks, targets, steps), f"hydra.sweep.dir={sweep_dir}",
-                f"hydra.launcher.gpus=[{gpus}]", f"hydra.launcher.per_gpu={per_gpu}"]
+                f"hydra.launcher.gpus=[{gpus}]", f"hydra.launcher.per_gpu={per_gpu}",
+                f"hydra.launcher.mps={str(args.mps).lower()}"]
         print(f"{part}: {n_jobs} jobs, GPUs {gpus}, per_gpu {per_gpu}", file=sys.stderr)
         wall, rc = run_sweep(argv, env, left)
         jobs = [j for d in sorted(sweep_dir.glob("r*")) if (j := job_record(d))]
@@ -276,15 +279,17 @@ def report(args, rows, job_rows, skipped, total_s, n_sweep, note) -> dict:
                    ("ms_per_step", "ms/step", ".1f"), ("peak_gib", "peak GiB", ".2f")]
     result = {
         "title": "Sweep (mission sweep, parallel launcher, GPT-2 Medium shape, E2E, batch 8)"
-        + (f", GPU sets {' vs '.join(args.gpus)}" if args.gpus and not args.tiny else ""),
+        + (f", GPU sets {' vs '.join(args.gpus)}" if args.gpus and not args.tiny else "")
+        + (", under MPS" if args.mps else ""),
         "command": "python -m bench.sweep" + (" --tiny" if args.tiny else "")
-        + (f" --gpus {' '.join(args.gpus)}" if args.gpus and not args.tiny else ""),
+        + (f" --gpus {' '.join(args.gpus)}" if args.gpus and not args.tiny else "")
+        + (" --mps" if args.mps else ""),
         "environment": env, "notes": notes,
         "tables": [{"columns": columns, "rows": rows},
                    {"columns": job_columns, "rows": job_rows}],
         "total_s": total_s,
     }
-    common.save("sweep", args, result)
+    common.save("sweep_mps" if args.mps else "sweep", args, result)
     return result
 
 

@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import logging
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -131,12 +132,17 @@ def precheck(args: list[str]) -> None:
 
 
 def check_launcher(args: list[str]) -> None:
-    """The parallel launcher's counts of jobs at once, given on the command line."""
+    """The parallel launcher's options given on the command line: counts of jobs at once,
+    and MPS (its control program must be there)."""
     for arg in args:
         key, _, value = arg.partition("=")
         if key in ("hydra.launcher.per_gpu", "hydra.launcher.workers") and not (
                 value.isdigit() and int(value) >= 1):
             raise UserError(f"{key}={value}: must be an integer >= 1 (jobs at once)")
+        if key == "hydra.launcher.mps" and value.lower() == "true" and not shutil.which(
+                "nvidia-cuda-mps-control"):
+            raise UserError(f"{arg}: nvidia-cuda-mps-control (part of the NVIDIA driver) is "
+                            "not on PATH; leave hydra.launcher.mps=false")
 
 
 def check_job(cfg: TrainConfig) -> None:

@@ -423,6 +423,7 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
         "first_step_at": first_step_at,
         "ended_at": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+        "mps": "CUDA_MPS_PIPE_DIRECTORY" in os.environ,  # under an MPS server (the launcher's)
         "versions": {"torch": torch.__version__},
     }
     tracker.summary({**metrics, "trainable_params": summary["trainable_params"]})

@@ -23,8 +23,8 @@ QUICK = ["+experiment=smoke", "max_steps=4", "task.n_train=40", "task.n_valid=8"
          "eval.test=false", "logger.wandb.mode=disabled", "logger.every=2"]
 
 
-def cli(*args, timeout=600):
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+def cli(*args, timeout=600, env=None):
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1", **(env or {})}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     return subprocess.run([sys.executable, "-m", "lora_repro.train", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
@@ -85,6 +85,30 @@ def test_injected_gpus_run_at_most_per_gpu_jobs_on_each_and_a_failed_job_is_name
         most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
         assert 1 <= most <= 2
     assert "started on GPU 0" in out.stdout and "started on GPU 1" in out.stdout
+
+
+@pytest.mark.slow
+def test_mps_runs_the_jobs_under_a_daemon_of_the_sweeps_own(tmp_path):
+    """With a stand-in for nvidia-cuda-mps-control on PATH that logs its calls: the daemon
+    starts before the jobs, they see its pipe directory, and it is told to quit after."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-cuda-mps-control"
+    fake.write_text(f'#!/bin/sh\nif [ "$1" = -d ]; then echo "start $CUDA_MPS_PIPE_DIRECTORY" '
+                    f'>> {calls}; else cat >> {calls}; fi\n')
+    fake.chmod(0o755)
+    env_path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
+    out = cli("-m", *QUICK, "rank=1,2", "hydra.launcher.gpus=[0]", "hydra.launcher.per_gpu=2",
+              "hydra.launcher.mps=true", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+              env={"PATH": env_path})
+    assert out.returncode == 0, out.stderr[-2000:]
+    start, stop = calls.read_text().splitlines()
+    assert start.startswith("start ") and start.endswith("mps_pipe") and stop == "quit"
+    records = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob(f"*/{rundir.SUMMARY}")]
+    assert len(records) == 2 and all(r["mps"] for r in records)
+    out = cli("-m", *QUICK, "rank=1,2", "hydra.launcher.mps=true", f"hydra.sweep.dir={tmp_path}",
+              env={"PATH": str(tmp_path / "nothing")}, timeout=60)
+    assert out.returncode == 2 and "nvidia-cuda-mps-control" in out.stderr.strip().splitlines()[0]
 
 
 def test_a_held_job_dir_refuses_a_second_process_and_changes_nothing(tmp_path):

@@ -17,6 +17,10 @@ class ParallelLauncherConf:
     # together stopped growing at 2 (bench/RESULTS.md, "Sweep"); 4 also overlaps one job's
     # warm-up with the others' training.
     per_gpu: int = 4
+    # Run the jobs under an MPS server of the sweep's own (nvidia-cuda-mps-control, from the
+    # driver), so the kernels of jobs sharing a GPU may run at the same time instead of taking
+    # turns. Off by default: not yet measured with this toolkit's jobs.
+    mps: bool = False
     # Jobs at once without GPUs. 1 runs them one after another in this process, as
     # Hydra's basic launcher does.
     workers: int = 1

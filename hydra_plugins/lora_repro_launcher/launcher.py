@@ -6,7 +6,9 @@
 One job at the paper's setting (GPT-2 Medium, batch 8, ~64 tokens) leaves its GPU idle
 while it loads, compiles and validates, and between its small kernels; other jobs on the same
 GPU fill those gaps. On an H200, 2 to 10 jobs at once trained 1.2-1.3x the tokens per
-second of one alone; the GPU was then saturated (bench/RESULTS.md, "Sweep").
+second of one alone; the GPU was then saturated (bench/RESULTS.md, "Sweep"). With
+`mps=true` the jobs run under an MPS server of the sweep's own (`mps_server`), so that their
+kernels may overlap instead of taking turns: not yet measured, so off by default.
 
 Each job runs in a fresh process (`worker.py`) that sees one GPU (`CUDA_VISIBLE_DEVICES`);
 jobs wait in a queue for a free slot, `per_gpu` slots per GPU (`workers` without GPUs). Each
@@ -25,11 +27,13 @@ gives each job its own log file and makes a crash (OOM, a kill) end that job onl
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import pickle
 import queue
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -77,9 +81,38 @@ def where(slot: str | None) -> str:
     return "CPU" if slot is None else f"GPU {slot}"
 
 
+MPS_CONTROL = "nvidia-cuda-mps-control"
+
+
+@contextlib.contextmanager
+def mps_server(tmp: Path):
+    """An MPS control daemon of this sweep's own (pipe and log dirs under `tmp`), quit at the
+    end. Without MPS, processes on one GPU take turns; with it their kernels may run at the
+    same time. The jobs find it through CUDA_MPS_PIPE_DIRECTORY, which they inherit."""
+    exe = shutil.which(MPS_CONTROL)
+    if exe is None:  # checked before Hydra starts (`lora_repro.train.check_launcher`)
+        raise FileNotFoundError(f"hydra.launcher.mps=true: {MPS_CONTROL} is not on PATH")
+    dirs = {"CUDA_MPS_PIPE_DIRECTORY": tmp / "mps_pipe", "CUDA_MPS_LOG_DIRECTORY": tmp / "mps_log"}
+    saved = {var: os.environ.get(var) for var in dirs}
+    for var, path in dirs.items():
+        path.mkdir()
+        os.environ[var] = str(path)
+    try:
+        subprocess.run([exe, "-d"], check=True)
+        yield
+    finally:
+        subprocess.run([exe], input="quit\n", text=True, check=False)
+        for var, value in saved.items():
+            if value is None:
+                del os.environ[var]
+            else:
+                os.environ[var] = value
+
+
 class ParallelLauncher(Launcher):
-    def __init__(self, gpus: Any = None, per_gpu: int = 4, workers: int = 1) -> None:
-        self.gpus, self.per_gpu, self.workers = gpus, per_gpu, workers
+    def __init__(self, gpus: Any = None, per_gpu: int = 4, workers: int = 1,
+                 mps: bool = False) -> None:
+        self.gpus, self.per_gpu, self.workers, self.mps = gpus, per_gpu, workers, mps
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -109,7 +142,8 @@ class ParallelLauncher(Launcher):
         with tempfile.TemporaryDirectory(prefix="lora_repro_sweep_") as tmp:
             jobs = [self._prepare(initial_job_idx + i, list(o), Path(tmp))
                     for i, o in enumerate(job_overrides)]
-            return _Sweep(jobs, free).run()
+            with mps_server(Path(tmp)) if self.mps and gpus else contextlib.nullcontext():
+                return _Sweep(jobs, free).run()
 
     def _prepare(self, idx: int, overrides: list[str], tmp: Path) -> dict:
         """The job's config, directory and a pickled payload for its worker process."""
