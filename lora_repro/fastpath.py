@@ -89,17 +89,18 @@ def warm_up(loss_fn, model: torch.nn.Module, shapes: list[tuple[int, int]], auto
             label_smoothing: float = 0.0) -> None:
     """Run `loss_fn` forward and backward twice on a dummy batch of each (rows, length)
     shape: the first call compiles (or loads from the cache) and warms CUDA-graph trees, the
-    second records the graph. With several lengths, the first batch's length is marked
-    symbolic, so one compile can serve all (inductor may still add a length-range guard and
-    compile again, see above). Afterwards training meets only recorded shapes. The RNG
+    second records the graph. With several lengths, the length is marked symbolic, so one
+    compile can serve all (inductor may still add a length-range guard and compile again,
+    see above). Afterwards training meets only recorded shapes. The RNG
     streams are restored and the gradients dropped, so training then runs exactly as it
     would without this."""
     device = next(model.parameters()).device
+    symbolic = len({length for _, length in shapes}) > 1
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         for rows, length in shapes:
             ids = torch.zeros((rows, length), dtype=torch.long, device=device)
             labels = ids.clone()  # one tensor passed twice would compile an aliasing graph
-            if len({n for _, n in shapes}) > 1:
+            if symbolic:
                 for x in (ids, labels):
                     torch._dynamo.maybe_mark_dynamic(x, 1)
             for _ in range(2):

@@ -41,6 +41,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, OmegaConfBaseException
 
+from hydra_plugins.lora_repro_launcher.launcher import MPS_CONTROL
 from lora_repro import rundir
 from lora_repro.config import TrainConfig, register, validate
 from lora_repro.errors import UserError
@@ -140,9 +141,9 @@ def check_launcher(args: list[str]) -> None:
                 value.isdigit() and int(value) >= 1):
             raise UserError(f"{key}={value}: must be an integer >= 1 (jobs at once)")
         if key == "hydra.launcher.mps" and value.lower() == "true" and not shutil.which(
-                "nvidia-cuda-mps-control"):
-            raise UserError(f"{arg}: nvidia-cuda-mps-control (part of the NVIDIA driver) is "
-                            "not on PATH; leave hydra.launcher.mps=false")
+                MPS_CONTROL):
+            raise UserError(f"{arg}: {MPS_CONTROL} (part of the NVIDIA driver) is not on "
+                            "PATH; leave hydra.launcher.mps=false")
 
 
 def check_job(cfg: TrainConfig) -> None:
