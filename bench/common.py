@@ -39,18 +39,20 @@ def arguments(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def setup(args) -> tuple[object, ModelConfig, list[dict], list[str], torch.device]:
+def setup(args, test: bool = False
+          ) -> tuple[object, ModelConfig, list[dict], list[str], torch.device]:
     """(tokenizer, model shape, encoded E2E train examples, test sources, device).
 
     Full size: GPT-2 Medium shape (random init: no weights here), the E2E dev set's examples
-    tokenized with GPT-2's BPE, the official test MRs. Tiny: synthetic data, CPU."""
+    tokenized with GPT-2's BPE, and with `test` the official test MRs (their paper-style
+    preparation needs spaCy). Tiny: synthetic data, CPU."""
     if args.tiny:
         data = load_task("synthetic", n_train=40, n_valid=0, n_test=4)
         texts = [ex.source + " || " + ex.target for ex in data.train]
         tokenizer, shape, device = train_bpe(texts, 300), TINY, torch.device("cpu")
     else:
         data = load_task("e2e", data_dir=args.data_dir, train_file="devset.csv",
-                         valid_file=None, test_file="testset_w_refs.csv")
+                         valid_file=None, test_file="testset_w_refs.csv" if test else None)
         tokenizer, shape, device = load_tokenizer(args.tokenizer), MEDIUM, torch.device("cuda")
     encoded = encode_dataset(tokenizer, data.train, 512)
     return tokenizer, shape, encoded, [t.source for t in data.test], device

@@ -21,7 +21,7 @@ def main(argv=None) -> None:
     parser = common.arguments(__doc__.splitlines()[0])
     parser.add_argument("--decode-batch", type=int, default=64)
     args = parser.parse_args(argv)
-    tokenizer, shape, _, sources, device = common.setup(args)
+    tokenizer, shape, _, sources, device = common.setup(args, test=True)
     repeats, length = (5, 16) if args.tiny else (200, 128)
     bf16 = device.type == "cuda"
     model = common.base_model(shape, tokenizer, device).eval()

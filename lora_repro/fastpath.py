@@ -9,10 +9,12 @@ launches and Python, not by the GPU. The tricks, each one line of code:
    launch each. Graphs need static shapes, so batches are padded to length buckets (every
    16 tokens up to 256: E2E's batches are 88% real tokens, 79% with buckets of 32) and the
    last, smaller batch gets empty rows (label -100, so the loss is unchanged).
-   `warm_up` marks the length dimension symbolic, so one compile can serve every bucket
+   `warm_up` marks the length dimension symbolic, so one compile serves every bucket
    (torch's default compiles the first length statically, then again with a symbolic
-   length; on inductor, guards on the length range still add one or two compiles: 2 graphs
-   for qv, 3 for qkvo, seen on an H200). It then records one CUDA graph per bucket, all
+   length). Inductor's matmul padding (`shape_padding`) is off: it decides per matmul size
+   whether to pad, and guards the length to the range where its choice holds (on an H200
+   that specialized `labels` to its first length: 2 graphs for qv, 3 for qkvo); our matmul
+   dims are multiples of 8 but the vocabulary. It then records one CUDA graph per bucket, all
    before the first step: no job stalls to compile or record mid-training (where it would
    also slow every job sharing the GPU). Only the length is symbolic: `dynamic=True` (every
    dim symbolic) was tried on an H200 and its qkvo jobs segfaulted while compiling.
@@ -73,6 +75,7 @@ def compile_loss(loss_fn, backend: str = "inductor", cuda_graphs: bool = True):
     bench.step_profile turns the graphs off to profile the same kernels one by one."""
     persistent_compile_cache()
     torch.backends.cuda.enable_cudnn_sdp(False)
+    torch._inductor.config.shape_padding = False  # its length guards recompile (see above)
     # One recorded graph per bucket is the design, not a shape leak: don't warn about it.
     torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
     mode = "reduce-overhead" if backend == "inductor" and cuda_graphs else None
@@ -90,8 +93,7 @@ def warm_up(loss_fn, model: torch.nn.Module, shapes: list[tuple[int, int]], auto
     """Run `loss_fn` forward and backward twice on a dummy batch of each (rows, length)
     shape: the first call compiles (or loads from the cache) and warms CUDA-graph trees, the
     second records the graph. With several lengths, the length is marked symbolic, so one
-    compile can serve all (inductor may still add a length-range guard and compile again,
-    see above). Afterwards training meets only recorded shapes. The RNG
+    compile serves all. Afterwards training meets only recorded shapes. The RNG
     streams are restored and the gradients dropped, so training then runs exactly as it
     would without this."""
     device = next(model.parameters()).device
