@@ -2,6 +2,7 @@
 
     python -m bench.step_profile            # GPU: GPT-2 Medium shape, E2E dev batches, batch 8
     python -m bench.step_profile --tiny     # CPU smoke test of the script itself
+    python -m bench.step_profile --targets qkvo   # one target set (a process of its own)
 
 For targets qv and qkvo (r=4): the step as the trainer runs it (compiled loss, CUDA graphs,
 bf16 autocast, fused AdamW), timed with the device synchronized; then the same compiled step
@@ -98,7 +99,9 @@ def measure(targets: str, shape, tokenizer, batches, device, steps: int) -> tupl
 
 
 def main(argv=None) -> dict:
-    args = common.arguments(__doc__.splitlines()[0]).parse_args(argv)
+    parser = common.arguments(__doc__.splitlines()[0])
+    parser.add_argument("--targets", default="qv,qkvo", help="target sets, in this order")
+    args = parser.parse_args(argv)
     tokenizer, shape, encoded, _, device = common.setup(args)
     steps = 3 if args.tiny else 20
     lengths = [len(x["input_ids"]) for x in encoded]
@@ -109,7 +112,7 @@ def main(argv=None) -> dict:
                                       buckets)
         batches.append({k: v.to(device) for k, v in batch.items()})
     rows, tops = [], []
-    for targets in ("qv", "qkvo"):
+    for targets in args.targets.split(","):
         row, top = measure(targets, shape, tokenizer, batches, device, steps)
         rows.append(row)
         tops += top
@@ -134,7 +137,8 @@ def main(argv=None) -> dict:
         t["kernel"] = t["kernel"].replace("|", "/")[:90]
     result = {
         "title": "Step profile (GPT-2 Medium shape, E2E, batch 8, LoRA r=4)",
-        "command": "python -m bench.step_profile" + (" --tiny" if args.tiny else ""),
+        "command": "python -m bench.step_profile" + (" --tiny" if args.tiny else "")
+        + (f" --targets {args.targets}" if args.targets != "qv,qkvo" else ""),
         "environment": common.environment(device), "notes": notes,
         "tables": [{"columns": columns, "rows": rows}, {"columns": top_columns, "rows": tops}],
     }
