@@ -140,10 +140,12 @@ def check_launcher(args: list[str]) -> None:
         if key in ("hydra.launcher.per_gpu", "hydra.launcher.workers") and not (
                 value.isdigit() and int(value) >= 1):
             raise UserError(f"{key}={value}: must be an integer >= 1 (jobs at once)")
+        if key == "hydra.launcher.mps" and value.lower() not in ("auto", "true", "false"):
+            raise UserError(f"{arg}: must be auto (the default), true or false")
         if key == "hydra.launcher.mps" and value.lower() == "true" and not shutil.which(
                 MPS_CONTROL):
             raise UserError(f"{arg}: {MPS_CONTROL} (part of the NVIDIA driver) is not on "
-                            "PATH; leave hydra.launcher.mps=false")
+                            "PATH; use hydra.launcher.mps=auto or false")
 
 
 def check_job(cfg: TrainConfig) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from hydra_plugins.lora_repro_launcher import launcher
 from hydra_plugins.lora_repro_launcher.launcher import slots
 from lora_repro import rundir
 from lora_repro.lora import read_adapter
@@ -89,8 +90,9 @@ def test_injected_gpus_run_at_most_per_gpu_jobs_on_each_and_a_failed_job_is_name
 
 @pytest.mark.slow
 def test_mps_runs_the_jobs_under_a_daemon_of_the_sweeps_own(tmp_path):
-    """With a stand-in for nvidia-cuda-mps-control on PATH that logs its calls: the daemon
-    starts before the jobs, they see its pipe directory, and it is told to quit after."""
+    """With a stand-in for nvidia-cuda-mps-control on PATH that logs its calls, and mps left
+    at its default (auto): the daemon starts before the jobs, they see its pipe directory,
+    and it is told to quit after."""
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls.log"
     bin_dir.mkdir()
     fake = bin_dir / "nvidia-cuda-mps-control"
@@ -99,8 +101,7 @@ def test_mps_runs_the_jobs_under_a_daemon_of_the_sweeps_own(tmp_path):
     fake.chmod(0o755)
     env_path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
     out = cli("-m", *QUICK, "rank=1,2", "hydra.launcher.gpus=[0]", "hydra.launcher.per_gpu=2",
-              "hydra.launcher.mps=true", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-              env={"PATH": env_path})
+              f"hydra.sweep.dir={tmp_path / 'sweep'}", env={"PATH": env_path})
     assert out.returncode == 0, out.stderr[-2000:]
     start, stop = calls.read_text().splitlines()
     assert start.startswith("start ") and start.endswith("mps_pipe") and stop == "quit"
@@ -109,6 +110,30 @@ def test_mps_runs_the_jobs_under_a_daemon_of_the_sweeps_own(tmp_path):
     out = cli("-m", *QUICK, "rank=1,2", "hydra.launcher.mps=true", f"hydra.sweep.dir={tmp_path}",
               env={"PATH": str(tmp_path / "nothing")}, timeout=60)
     assert out.returncode == 2 and "nvidia-cuda-mps-control" in out.stderr.strip().splitlines()[0]
+
+
+def test_mps_auto_needs_gpus_and_the_program_and_falls_back_when_its_daemon_fails(
+        tmp_path, monkeypatch, capsys):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
+    assert not launcher.use_mps("auto", ["0"])  # no control program
+    fake = bin_dir / launcher.MPS_CONTROL
+    fake.write_text("#!/bin/sh\nexit 1\n")  # a daemon that cannot start
+    fake.chmod(0o755)
+    assert launcher.use_mps("auto", ["0"]) and launcher.use_mps(True, ["0"])
+    assert not launcher.use_mps("auto", []) and not launcher.use_mps(False, ["0"])
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", "/elsewhere")  # an MPS server set up already
+    assert not launcher.use_mps("auto", ["0"])
+    monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY")
+    with launcher.mps_server(tmp_path, required=False):  # auto: one line, then no MPS
+        assert "CUDA_MPS_PIPE_DIRECTORY" not in os.environ
+    assert "-d failed" in capsys.readouterr().err
+    (tmp_path / "again").mkdir()
+    with pytest.raises(SystemExit), launcher.mps_server(tmp_path / "again", required=True):
+        pass  # mps=true: an error
+    assert "mps=true" in capsys.readouterr().err
 
 
 def test_a_held_job_dir_refuses_a_second_process_and_changes_nothing(tmp_path):

@@ -13,14 +13,20 @@ class ParallelLauncherConf:
     # GPUs to use, as CUDA_VISIBLE_DEVICES entries ([0, 1]); null: every visible GPU;
     # []: none (CPU). Env LORA_REPRO_GPUS="0,1" ("" for none) sets it too.
     gpus: Any = None
-    # Jobs at once on each GPU (each job one process). On an H200 the tokens/s of all jobs
-    # together stopped growing at 2 (bench/RESULTS.md, "Sweep"); 4 also overlaps one job's
-    # warm-up with the others' training.
+    # Jobs at once on each GPU (each job one process). On an H200, without MPS the tokens/s of
+    # all jobs together stopped growing at 2; with MPS, 10 at once beat 4 by 17%
+    # (bench/RESULTS.md). 4 stays the default: it fits GPUs with far less memory than an
+    # H200 (a GPT-2 Medium job at batch 8 peaks at 2.5 GiB) and overlaps one job's warm-up
+    # with the others' training. On a GPU as large, set per_gpu=10.
     per_gpu: int = 4
     # Run the jobs under an MPS server of the sweep's own (nvidia-cuda-mps-control, from the
-    # driver), so the kernels of jobs sharing a GPU may run at the same time instead of taking
-    # turns. Off by default: not yet measured with this toolkit's jobs.
-    mps: bool = False
+    # driver), so the kernels of jobs sharing a GPU run at the same time instead of taking
+    # turns. auto: on GPUs when the program is on PATH and no MPS server is set up already
+    # (CUDA_MPS_PIPE_DIRECTORY); true: required; false: off. On an H200 it added 26% to the
+    # tokens/s of 10 jobs at once and 12% to 4 (bench/RESULTS.md, "Sweep with and without
+    # MPS"). The price: under MPS a GPU fault (an illegal memory access, not an OOM or a
+    # Python error) in one job can end every job on that GPU; rerunning the command resumes.
+    mps: Any = "auto"
     # Jobs at once without GPUs. 1 runs them one after another in this process, as
     # Hydra's basic launcher does.
     workers: int = 1
