@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import analysis_grid, inference, step_profile, train_step
+from bench import analysis_grid, inference, packed_step, step_profile, train_step
 
 pytest.importorskip("peft")  # the baselines need the `bench` extra
 
@@ -32,6 +32,18 @@ def test_step_profile_tiny(tmp_path):
     for targets in ("qv", "qkvo"):
         us = [k["us"] for k in kernels if k["targets"] == targets]
         assert len(us) == top and us == sorted(us, reverse=True)
+
+
+def test_packed_step_tiny(tmp_path):
+    out = tmp_path / "packed_step.json"
+    packed_step.main(["--tiny", "--out", str(out)])
+    one, two = json.loads(out.read_text())["tables"][0]["rows"]
+    assert (one["jobs"], two["jobs"], two["targets_ranks"]) == (1, 2, "qv1 qkvo1")
+    assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in (one, two))
+    assert two["ms_per_job_step"] == two["ms_per_step"] / 2 and one["vs_one"] == 1.0
+    # the sweep's 10 jobs: 10 packs of one job against 5 of two
+    assert two["paper_sweep_min"] / one["paper_sweep_min"] == pytest.approx(
+        two["ms_per_step"] / one["ms_per_step"] / 2)
 
 
 def test_inference_tiny(tmp_path):

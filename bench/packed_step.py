@@ -1,0 +1,129 @@
+"""Packed-step benchmark: K jobs of the mission sweep trained as one packed step.
+
+    python -m bench.packed_step            # GPU: GPT-2 Medium shape, E2E dev batches
+    python -m bench.packed_step --tiny     # CPU smoke test of the script itself
+
+The mission sweep's jobs (rank=1,2,4,8,64 x targets=qv,qkvo) differ only in their adapters.
+For K = 1, 2, 5 and 10 of them, one training step of all K at once through one frozen base
+(`lora_repro.lora.packed`): a (K x 8, T) batch, each job's 8 rows its own (here the same
+E2E batches for every job, as a sweep with one seed gives), the loss the sum of the jobs'
+own mean losses, one fused AdamW; on GPU compiled, with CUDA graphs and bf16 autocast as
+the trainer's fast path. Reports ms/step, real tokens/s of all K jobs together, peak
+memory, the warm-up, and the projected training time of the 10-job paper sweep (26,290
+steps per job) run K jobs at a time: ceil(10 / K) x 26,290 steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from bench import common
+from lora_repro import fastpath
+from lora_repro.data import length_grouped_batches
+from lora_repro.lora.packed import PackedJob, apply_packed_lora, packed_loss
+from lora_repro.trainer import lm_loss
+
+ALPHA, DROPOUT, SMOOTH, BATCH, SWEEP = 32.0, 0.1, 0.1, 8, 10
+JOBS = [(targets, rank) for rank in (1, 2, 4, 8, 64) for targets in ("qv", "qkvo")]
+
+
+def pack_loss(jobs: int):
+    """The trainer's `lm_loss` signature, for K packed jobs."""
+    def loss(model, input_ids, labels, label_smoothing=0.0):
+        tokens = lm_loss(model, input_ids, labels, label_smoothing, reduction="none")
+        return packed_loss(tokens, labels, jobs)
+    return loss
+
+
+def measure(k: int, shape, tokenizer, batches, device, steps: int) -> dict:
+    """One row: K jobs packed, `steps` timed steps after a warm-up. `batches`: (batch of one
+    job, its real tokens)."""
+    common.reset_memory(device)
+    on_gpu = device.type == "cuda"
+    jobs = [PackedJob(t, r, ALPHA, base_seed=i) for i, (t, r) in enumerate(JOBS[:k])]
+    model = apply_packed_lora(common.base_model(shape, tokenizer, device), jobs, DROPOUT)
+    model.train()
+    packed = [({name: b[name].repeat(k, 1) for name in ("input_ids", "labels")}, k * n)
+              for b, n in batches]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu)
+
+    t0 = time.perf_counter()
+    loss_fn = pack_loss(k)
+    if on_gpu:
+        torch._dynamo.reset()
+        loss_fn = fastpath.compile_loss(loss_fn)
+        shapes = sorted({tuple(b["input_ids"].shape) for b, _ in packed})
+        fastpath.warm_up(loss_fn, model, shapes, autocast, SMOOTH)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4,
+                            weight_decay=0.01, fused=on_gpu)
+
+    def step(batch):
+        if on_gpu:
+            fastpath.step_begin()
+        with autocast():
+            loss = loss_fn(model, batch["input_ids"], batch["labels"], SMOOTH)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for batch, _ in packed[:3]:
+        step(batch)
+    common.sync(device)
+    warmup_s, t1 = time.perf_counter() - t0, time.perf_counter()
+    for i in range(steps):
+        step(packed[i % len(packed)][0])
+    common.sync(device)
+    ms = 1e3 * (time.perf_counter() - t1) / steps
+    tokens = sum(packed[i % len(packed)][1] for i in range(steps)) / steps
+    return {"jobs": k, "targets_ranks": " ".join(f"{t}{r}" for t, r in JOBS[:k]),
+            "ms_per_step": ms, "ms_per_job_step": ms / k, "tokens_per_s": tokens / (ms / 1e3),
+            "peak_gib": common.peak_gib(device), "warmup_s": warmup_s,
+            "paper_sweep_min": math.ceil(SWEEP / k) * common.PAPER_E2E_STEPS * ms / 6e4}
+
+
+def main(argv=None) -> dict:
+    args = common.arguments(__doc__.splitlines()[0]).parse_args(argv)
+    tokenizer, shape, encoded, _, device = common.setup(args)
+    steps, packs = (2, (1, 2)) if args.tiny else (100, (1, 2, 5, 10))
+    lengths = [len(x["input_ids"]) for x in encoded]
+    buckets = fastpath.length_buckets(512)
+    batches = []
+    for idx in length_grouped_batches(lengths, BATCH, seed=0, epoch=0)[:40]:
+        batch = fastpath.static_batch([encoded[i] for i in idx], tokenizer.pad_token_id, BATCH,
+                                      buckets)
+        batches.append(({k: v.to(device) for k, v in batch.items()},
+                        sum(lengths[i] for i in idx)))
+    rows = [measure(k, shape, tokenizer, batches, device, steps) for k in packs]
+    for row in rows:
+        row["vs_one"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+    notes = [
+        f"LoRA alpha {ALPHA:g}, dropout {DROPOUT}, label smoothing {SMOOTH}, batch {BATCH} per "
+        f"job, {len(batches)} length-grouped E2E batches (the fast path's buckets), {steps} "
+        "timed steps after a warm-up. Jobs: the first K of the mission sweep (targets and "
+        "rank per job). Tokens/s: real (non-pad) tokens of all K jobs per second. x one: "
+        "tokens/s against K = 1. Paper sweep: training time of the 10 jobs at 26,290 steps "
+        "each, K at a time, compilation not included.",
+    ]
+    columns = [("jobs", "K jobs packed", "d"), ("targets_ranks", "jobs (targets, rank)", "s"),
+               ("ms_per_step", "ms/step", ".2f"), ("ms_per_job_step", "ms per job-step", ".2f"),
+               ("tokens_per_s", "real tokens/s", ",.0f"), ("vs_one", "x one", ".2f"),
+               ("peak_gib", "peak GiB", ".1f"), ("warmup_s", "warm-up s", ".0f"),
+               ("paper_sweep_min", "paper sweep min", ".1f")]
+    result = {
+        "title": "Packed step (K sweep jobs through one frozen GPT-2 Medium shape, E2E, batch 8 "
+                 "per job)",
+        "command": "python -m bench.packed_step" + (" --tiny" if args.tiny else ""),
+        "environment": common.environment(device), "notes": notes,
+        "tables": [{"columns": columns, "rows": rows}],
+    }
+    common.save("packed_step", args, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,150 @@
+"""Packed LoRA: the adapters of K sweep jobs trained together through one frozen GPT-2.
+
+A sweep's jobs share the frozen base and differ only in their adapters (rank, targets, init).
+Alone, a job at the paper's setting (GPT-2 Medium, batch 8) is a chain of ~1,000 small
+kernels (bench/RESULTS.md, "Step profile"), and jobs in separate processes only take turns
+at them. Packed, the K jobs' batches stack into one (K * B, T) batch: the base runs its
+kernels once for all K, on K times the rows, and each job's rows meet only its own adapter.
+
+Layout: job k owns rows [k * B, (k + 1) * B) of the batch. A packed layer wraps one `Conv1D`
+with n equal output slices (3 for c_attn: q, k, v; 1 for c_proj: o) and holds
+
+    lora_A: (K, n, r_max, d_in)     lora_B: (K, n, d_out, r_max)     scaling: (K,)
+
+Job k's slice s is live if s is one of its targets, with its rank r_k <= r_max in the first
+r_k rows of A and columns of B. Everything else starts at zero and stays zero: a zero row of
+A meets a zero column of B, so both get zero gradients, and AdamW (weight decay included)
+leaves zeros at zero. So with one shared AdamW and `packed_loss` (the sum of the jobs' own
+mean losses), each job's factors follow the updates they would get alone, up to float
+rounding (other matmul shapes) and dropout (drawn once for the packed batch, not per job).
+
+Why hand-written: peft's mixed-adapter batches serve inference (one adapter name per row)
+and cannot hold per-slice targets of GPT-2's fused c_attn (see `layer.py`).
+
+This is the building block of a packed sweep (`bench.packed_step` measures it); the
+trainer does not use it yet.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from lora_repro.data.encoding import IGNORE_INDEX
+from lora_repro.lora.layer import init_seed
+from lora_repro.lora.model import Key, _get, _set, _validate
+from lora_repro.lora.targets import TARGETS, blocks, group_by_module
+
+
+@dataclass(frozen=True)
+class PackedJob:
+    """One job's adapter: what `apply_lora` takes, and the seed its A matrices come from
+    (`apply_lora` draws it from the global RNG; pass the same draw to get the same init)."""
+
+    targets: str
+    rank: int
+    alpha: float
+    base_seed: int
+
+
+class PackedLoRAConv1D(nn.Module):
+    """A frozen `Conv1D` with the LoRA updates of K jobs, job k on rows k * B .. (k+1) * B - 1.
+
+        y = x @ W_conv + b                                            (K*B, T, n*d_out), frozen
+        y[job k rows, slice s] += scaling_k * dropout(x_k) @ A_ks^T @ B_ks^T
+    """
+
+    def __init__(self, base: nn.Module, n_slices: int, letters: Sequence[str],
+                 jobs: Sequence[PackedJob], layer: int, dropout: float):
+        super().__init__()
+        d_in, d_total = base.weight.shape  # Conv1D stores (d_in, d_out)
+        self.base, self.n_slices, self.d_in, self.d_out = base, n_slices, d_in, d_total // n_slices
+        self.jobs = list(jobs)
+        r_max = max(job.rank for job in jobs)
+        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
+        self.lora_A = nn.Parameter(torch.zeros(len(jobs), n_slices, r_max, d_in, **factory))
+        self.lora_B = nn.Parameter(torch.zeros(len(jobs), n_slices, self.d_out, r_max, **factory))
+        scaling = torch.tensor([job.alpha / job.rank for job in jobs], **factory)
+        self.register_buffer("scaling", scaling, persistent=False)
+        # live[k][s]: the letter of job k's slice s, or None where job k does not adapt it
+        self.live = [[letter if letter in job.targets else None for letter in letters]
+                     for job in jobs]
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._init(layer)
+        self.train(base.training)
+
+    @torch.no_grad()
+    def _init(self, layer: int) -> None:
+        """Each live A as `LoRAConv1D` draws it for that job alone: same seed, same numbers."""
+        bound = 1.0 / math.sqrt(self.d_in)
+        for k, job in enumerate(self.jobs):
+            for s, letter in enumerate(self.live[k]):
+                if letter is not None:
+                    g = torch.Generator().manual_seed(
+                        init_seed(job.base_seed, job.rank, layer, letter))
+                    a = torch.empty(job.rank, self.d_in).uniform_(-bound, bound, generator=g)
+                    self.lora_A[k, s, :job.rank].copy_(a)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)  # (K*B, ..., n * d_out)
+        k, n, r = self.lora_A.shape[:3]
+        xs = self.dropout(x).reshape(k, -1, self.d_in)  # (K, rows, d_in)
+        h = xs @ self.lora_A.reshape(k, n * r, self.d_in).transpose(1, 2)  # (K, rows, n*r)
+        h = h.unflatten(-1, (n, r)).transpose(1, 2)  # (K, n, rows, r)
+        delta = h @ self.lora_B.transpose(2, 3)  # (K, n, rows, d_out)
+        delta = delta * self.scaling[:, None, None, None]
+        return y + delta.transpose(1, 2).reshape(y.shape)  # rows back to (K*B, ..., n*d_out)
+
+    def factors(self, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Job k's live (A (r_k, d_in), B (d_out, r_k)) per target letter, detached views."""
+        r = self.jobs[k].rank
+        return {letter: (self.lora_A[k, s, :r].detach(), self.lora_B[k, s, :, :r].detach())
+                for s, letter in enumerate(self.live[k]) if letter is not None}
+
+
+def apply_packed_lora(model: nn.Module, jobs: Sequence[PackedJob],
+                      dropout: float = 0.0) -> nn.Module:
+    """Wrap, in place, every `Conv1D` that some job targets in a `PackedLoRAConv1D` for all
+    `jobs`; freeze the rest. Each job is checked as `apply_lora` checks it."""
+    for job in jobs:
+        _validate(model, job.targets, job.rank, job.alpha, dropout)
+    union = "".join(sorted({c for job in jobs for c in job.targets}))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for layer, block in enumerate(blocks(model)):
+        for path, group in group_by_module(union).items():
+            n = group[0].n_slices
+            letters = [next(t.letter for t in TARGETS.values()
+                            if t.module == path and t.slice_index == s) for s in range(n)]
+            _set(block, path, PackedLoRAConv1D(_get(block, path), n, letters, jobs, layer,
+                                               dropout))
+    return model
+
+
+def job_factors(model: nn.Module, k: int) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
+    """Job k's (A, B) per (layer, letter), as `lora_factors` gives them for a job alone."""
+    out = {}
+    for layer, block in enumerate(blocks(model)):
+        for m in block.modules():
+            if isinstance(m, PackedLoRAConv1D):
+                out.update({(layer, letter): f for letter, f in m.factors(k).items()})
+    return out
+
+
+def packed_loss(token_losses: torch.Tensor, labels: torch.Tensor, jobs: int) -> torch.Tensor:
+    """The sum over jobs of each job's mean token loss: its gradient for job k's factors is
+    that of job k's loss alone.
+
+    Args:
+        token_losses: (K*B*(T-1),) per-token losses, 0 where ignored (`lm_loss` with
+            reduction="none").
+        labels: (K*B, T), IGNORE_INDEX where no loss.
+        jobs: K.
+    """
+    counts = (labels[:, 1:] != IGNORE_INDEX).reshape(jobs, -1).sum(1)  # (K,)
+    return (token_losses.reshape(jobs, -1).sum(1) / counts.clamp(min=1)).sum()
+
