@@ -2,6 +2,7 @@
 
     python -m bench.packed_step            # GPU: GPT-2 Medium shape, E2E dev batches
     python -m bench.packed_step --tiny     # CPU smoke test of the script itself
+    python -m bench.packed_step --packs 10 # one K (a process of its own)
 
 The mission sweep's jobs (rank=1,2,4,8,64 x targets=qv,qkvo) differ only in their adapters.
 For K = 1, 2, 5 and 10 of them, one training step of all K at once through one frozen base
@@ -87,9 +88,12 @@ def measure(k: int, shape, tokenizer, batches, device, steps: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    args = common.arguments(__doc__.splitlines()[0]).parse_args(argv)
+    parser = common.arguments(__doc__.splitlines()[0])
+    parser.add_argument("--packs", default="1,2,5,10", help="the K values, in this order")
+    args = parser.parse_args(argv)
     tokenizer, shape, encoded, _, device = common.setup(args)
-    steps, packs = (2, (1, 2)) if args.tiny else (100, (1, 2, 5, 10))
+    steps = 2 if args.tiny else 100
+    packs = (1, 2) if args.tiny else [int(k) for k in args.packs.split(",")]
     lengths = [len(x["input_ids"]) for x in encoded]
     buckets = fastpath.length_buckets(512)
     batches = []
@@ -99,8 +103,9 @@ def main(argv=None) -> dict:
         batches.append(({k: v.to(device) for k, v in batch.items()},
                         sum(lengths[i] for i in idx)))
     rows = [measure(k, shape, tokenizer, batches, device, steps) for k in packs]
+    one = next((r for r in rows if r["jobs"] == 1), None)
     for row in rows:
-        row["vs_one"] = row["tokens_per_s"] / rows[0]["tokens_per_s"]
+        row["vs_one"] = row["tokens_per_s"] / one["tokens_per_s"] if one else None
     notes = [
         f"LoRA alpha {ALPHA:g}, dropout {DROPOUT}, label smoothing {SMOOTH}, batch {BATCH} per "
         f"job, {len(batches)} length-grouped E2E batches (the fast path's buckets), {steps} "
@@ -117,7 +122,8 @@ def main(argv=None) -> dict:
     result = {
         "title": "Packed step (K sweep jobs through one frozen GPT-2 Medium shape, E2E, batch 8 "
                  "per job)",
-        "command": "python -m bench.packed_step" + (" --tiny" if args.tiny else ""),
+        "command": "python -m bench.packed_step" + (" --tiny" if args.tiny else "")
+        + (f" --packs {args.packs}" if args.packs != "1,2,5,10" else ""),
         "environment": common.environment(device), "notes": notes,
         "tables": [{"columns": columns, "rows": rows}],
     }
