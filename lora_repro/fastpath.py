@@ -14,10 +14,13 @@ launches and Python, not by the GPU. The tricks, each one line of code:
    length). Inductor's matmul padding (`shape_padding`) is off: it decides per matmul size
    whether to pad, and guards the length to the range where its choice holds (on an H200
    that specialized `labels` to its first length: 2 graphs for qv, 3 for qkvo); our matmul
-   dims are multiples of 8 but the vocabulary. It then records one CUDA graph per bucket, all
-   before the first step: no job stalls to compile or record mid-training (where it would
-   also slow every job sharing the GPU). Only the length is symbolic: `dynamic=True` (every
-   dim symbolic) was tried on an H200 and its qkvo jobs segfaulted while compiling.
+   dims are multiples of 8 but the vocabulary (50,257), whose two LM-head GEMMs then run
+   unaligned: 16% of a qv step's kernel time; sweeps trained within 2% of the tokens/s of
+   the earlier runs with padding on (bench/RESULTS.md). It then records one CUDA graph per
+   bucket, all before the first step: no job stalls to compile or record mid-training
+   (where it would also slow every job sharing the GPU). Only the length is symbolic:
+   `dynamic=True` (every dim symbolic) was tried on an H200 and its qkvo jobs segfaulted
+   while compiling.
 3. cuDNN's SDPA backend is off: it pays 130-170 ms the first time it meets each sequence
    length; flash / memory-efficient attention have no such warm-up.
 4. Fused AdamW and bf16 autocast live in the trainer; losses stay on the device between log

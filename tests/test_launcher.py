@@ -119,6 +119,9 @@ def test_mps_auto_needs_gpus_and_the_program_and_falls_back_when_its_daemon_fail
     monkeypatch.setenv("PATH", str(bin_dir))
     monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
     assert not launcher.use_mps("auto", ["0"])  # no control program
+    with pytest.raises(SystemExit), launcher.mps_server(tmp_path):  # mps=true without it
+        pass
+    assert "not on PATH" in capsys.readouterr().err
     fake = bin_dir / launcher.MPS_CONTROL
     fake.write_text("#!/bin/sh\nexit 1\n")  # a daemon that cannot start
     fake.chmod(0o755)

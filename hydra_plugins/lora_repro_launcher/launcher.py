@@ -102,8 +102,8 @@ def mps_server(tmp: Path, required: bool = True):
     same time. The jobs find it through CUDA_MPS_PIPE_DIRECTORY, which they inherit. A daemon
     that fails to start is an error when `required` (mps=true); else one line, and no MPS."""
     exe = shutil.which(MPS_CONTROL)
-    if exe is None:  # checked before Hydra starts (`lora_repro.train.check_launcher`)
-        raise FileNotFoundError(f"hydra.launcher.mps=true: {MPS_CONTROL} is not on PATH")
+    if exe is None:  # on the command line, checked before Hydra (`train.check_launcher`)
+        _fail(f"{MPS_CONTROL} is not on PATH")
     dirs = {"CUDA_MPS_PIPE_DIRECTORY": tmp / "mps_pipe", "CUDA_MPS_LOG_DIRECTORY": tmp / "mps_log"}
     saved = {var: os.environ.get(var) for var in dirs}
     for path in dirs.values():
@@ -112,10 +112,8 @@ def mps_server(tmp: Path, required: bool = True):
     started = subprocess.run([exe, "-d"]).returncode == 0
     if not started:
         _set_env(saved)  # the jobs must not look for a daemon that is not there
-        if required:  # one line, as the CLI's other errors (Hydra would print a traceback)
-            print(f"error: hydra.launcher.mps=true: `{exe} -d` failed; use "
-                  "hydra.launcher.mps=auto or false", file=sys.stderr)
-            sys.exit(2)
+        if required:
+            _fail(f"`{exe} -d` failed")
         print(f"{MPS_CONTROL} -d failed: the jobs share the GPU without MPS "
               "(hydra.launcher.mps=false hides this line)", file=sys.stderr)
     try:
@@ -124,6 +122,14 @@ def mps_server(tmp: Path, required: bool = True):
         if started:
             subprocess.run([exe], input="quit\n", text=True, check=False)
             _set_env(saved)
+
+
+def _fail(reason: str) -> None:
+    """mps=true cannot be had: one line and exit 2, as the CLI's other errors (raising here
+    would get Hydra's traceback)."""
+    print(f"error: hydra.launcher.mps=true: {reason}; use hydra.launcher.mps=auto or false",
+          file=sys.stderr)
+    sys.exit(2)
 
 
 def _set_env(values: dict[str, str | None]) -> None:
