@@ -16,8 +16,9 @@ from pathlib import Path
 
 import torch
 
+from lora_repro import fastpath
 from lora_repro.config import ModelConfig
-from lora_repro.data import encode_dataset, load_task
+from lora_repro.data import encode_dataset, length_grouped_batches, load_task
 from lora_repro.modeling import load_model, load_tokenizer, train_bpe
 
 HERE = Path(__file__).resolve().parent
@@ -56,6 +57,19 @@ def setup(args, test: bool = False
         tokenizer, shape, device = load_tokenizer(args.tokenizer), MEDIUM, torch.device("cuda")
     encoded = encode_dataset(tokenizer, data.train, 512)
     return tokenizer, shape, encoded, [t.source for t in data.test], device
+
+
+def static_batches(encoded: list[dict], pad_id: int, batch_size: int, count: int,
+                   device: torch.device) -> list[tuple[dict[str, torch.Tensor], int]]:
+    """The first `count` length-grouped batches (seed 0, epoch 0), padded as the trainer's
+    fast path pads them, on `device`: (batch, its real tokens) each."""
+    lengths = [len(x["input_ids"]) for x in encoded]
+    buckets = fastpath.length_buckets(512)
+    out = []
+    for idx in length_grouped_batches(lengths, batch_size, seed=0, epoch=0)[:count]:
+        batch = fastpath.static_batch([encoded[i] for i in idx], pad_id, batch_size, buckets)
+        out.append(({k: v.to(device) for k, v in batch.items()}, sum(lengths[i] for i in idx)))
+    return out
 
 
 def base_model(shape: ModelConfig, tokenizer, device, seed: int = 0):

@@ -23,7 +23,6 @@ import torch
 
 from bench import common
 from lora_repro import fastpath
-from lora_repro.data import length_grouped_batches
 from lora_repro.lora.packed import PackedJob, apply_packed_lora, packed_loss
 from lora_repro.trainer import lm_loss
 
@@ -94,14 +93,7 @@ def main(argv=None) -> dict:
     tokenizer, shape, encoded, _, device = common.setup(args)
     steps = 2 if args.tiny else 100
     packs = (1, 2) if args.tiny else [int(k) for k in args.packs.split(",")]
-    lengths = [len(x["input_ids"]) for x in encoded]
-    buckets = fastpath.length_buckets(512)
-    batches = []
-    for idx in length_grouped_batches(lengths, BATCH, seed=0, epoch=0)[:40]:
-        batch = fastpath.static_batch([encoded[i] for i in idx], tokenizer.pad_token_id, BATCH,
-                                      buckets)
-        batches.append(({k: v.to(device) for k, v in batch.items()},
-                        sum(lengths[i] for i in idx)))
+    batches = common.static_batches(encoded, tokenizer.pad_token_id, BATCH, 40, device)
     rows = [measure(k, shape, tokenizer, batches, device, steps) for k in packs]
     one = next((r for r in rows if r["jobs"] == 1), None)
     for row in rows:

@@ -22,7 +22,6 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench import common
 from lora_repro import fastpath
-from lora_repro.data import length_grouped_batches
 from lora_repro.lora import apply_lora
 from lora_repro.trainer import lm_loss
 
@@ -104,13 +103,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     tokenizer, shape, encoded, _, device = common.setup(args)
     steps = 3 if args.tiny else 20
-    lengths = [len(x["input_ids"]) for x in encoded]
-    buckets = fastpath.length_buckets(512)
-    batches = []
-    for idx in length_grouped_batches(lengths, BATCH, seed=0, epoch=0)[:2 * steps]:
-        batch = fastpath.static_batch([encoded[i] for i in idx], tokenizer.pad_token_id, BATCH,
-                                      buckets)
-        batches.append({k: v.to(device) for k, v in batch.items()})
+    batches = [b for b, _ in common.static_batches(encoded, tokenizer.pad_token_id, BATCH,
+                                                 2 * steps, device)]
     rows, tops = [], []
     for targets in args.targets.split(","):
         row, top = measure(targets, shape, tokenizer, batches, device, steps)
