@@ -30,22 +30,35 @@ ALPHA, DROPOUT, SMOOTH, BATCH, SWEEP = 32.0, 0.1, 0.1, 8, 10
 JOBS = [(targets, rank) for rank in (1, 2, 4, 8, 64) for targets in ("qv", "qkvo")]
 
 
-def pack_loss(jobs: int):
+def pack_loss(jobs: int, vocab_multiple: int = 1):
     """The trainer's `lm_loss` signature, for K packed jobs."""
     def loss(model, input_ids, labels, label_smoothing=0.0):
-        tokens = lm_loss(model, input_ids, labels, label_smoothing, reduction="none")
+        tokens = lm_loss(model, input_ids, labels, label_smoothing, reduction="none",
+                         vocab_multiple=vocab_multiple)
         return packed_loss(tokens, labels, jobs)
     return loss
 
 
-def measure(k: int, shape, tokenizer, batches, device, steps: int) -> dict:
+def frozen_to_bf16(model: torch.nn.Module) -> None:
+    """Store the frozen `Conv1D` weights and biases in bf16. Exact under bf16 autocast, which
+    casts them to bf16 for every matmul anyway (the `_to_copy` kernels of the step profile);
+    LayerNorms and the embeddings (tied to the LM head) stay fp32."""
+    for m in model.modules():
+        if type(m).__name__ == "Conv1D":
+            m.to(torch.bfloat16)
+
+
+def measure(k: int, shape, tokenizer, batches, device, steps: int,
+            bf16_base: bool = False) -> dict:
     """One row: K jobs packed, `steps` timed steps after a warm-up. `batches`: (batch of one
-    job, its real tokens)."""
+    job, its real tokens). `bf16_base`: `frozen_to_bf16` first."""
     common.reset_memory(device)
     on_gpu = device.type == "cuda"
     jobs = [PackedJob(t, r, ALPHA, base_seed=i) for i, (t, r) in enumerate(JOBS[:k])]
     model = apply_packed_lora(common.base_model(shape, tokenizer, device), jobs, DROPOUT)
     model.train()
+    if bf16_base and on_gpu:
+        frozen_to_bf16(model)
     packed = [({name: b[name].repeat(k, 1) for name in ("input_ids", "labels")}, k * n)
               for b, n in batches]
 
@@ -56,7 +69,7 @@ def measure(k: int, shape, tokenizer, batches, device, steps: int) -> dict:
     loss_fn = pack_loss(k)
     if on_gpu:
         torch._dynamo.reset()
-        loss_fn = fastpath.compile_loss(loss_fn)
+        loss_fn = fastpath.compile_loss(pack_loss(k, fastpath.VOCAB_MULTIPLE))
         shapes = sorted({tuple(b["input_ids"].shape) for b, _ in packed})
         fastpath.warm_up(loss_fn, model, shapes, autocast, SMOOTH)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4,
@@ -80,7 +93,8 @@ def measure(k: int, shape, tokenizer, batches, device, steps: int) -> dict:
     common.sync(device)
     ms = 1e3 * (time.perf_counter() - t1) / steps
     tokens = sum(packed[i % len(packed)][1] for i in range(steps)) / steps
-    return {"jobs": k, "targets_ranks": " ".join(f"{t}{r}" for t, r in JOBS[:k]),
+    return {"jobs": k, "bf16_base": bf16_base and on_gpu,
+            "targets_ranks": " ".join(f"{t}{r}" for t, r in JOBS[:k]),
             "ms_per_step": ms, "ms_per_job_step": ms / k, "tokens_per_s": tokens / (ms / 1e3),
             "peak_gib": common.peak_gib(device), "warmup_s": warmup_s,
             "paper_sweep_min": math.ceil(SWEEP / k) * common.PAPER_E2E_STEPS * ms / 6e4}
@@ -89,12 +103,15 @@ def measure(k: int, shape, tokenizer, batches, device, steps: int) -> dict:
 def main(argv=None) -> dict:
     parser = common.arguments(__doc__.splitlines()[0])
     parser.add_argument("--packs", default="1,2,5,10", help="the K values, in this order")
+    parser.add_argument("--bf16-base", action="store_true",
+                        help="frozen Conv1D weights stored in bf16 (exact under autocast)")
     args = parser.parse_args(argv)
     tokenizer, shape, encoded, _, device = common.setup(args)
     steps = 2 if args.tiny else 100
     packs = (1, 2) if args.tiny else [int(k) for k in args.packs.split(",")]
     batches = common.static_batches(encoded, tokenizer.pad_token_id, BATCH, 40, device)
-    rows = [measure(k, shape, tokenizer, batches, device, steps) for k in packs]
+    rows = [measure(k, shape, tokenizer, batches, device, steps, args.bf16_base)
+            for k in packs]
     one = next((r for r in rows if r["jobs"] == 1), None)
     for row in rows:
         row["vs_one"] = row["tokens_per_s"] / one["tokens_per_s"] if one else None
@@ -107,6 +124,7 @@ def main(argv=None) -> dict:
         "each, K at a time, compilation not included.",
     ]
     columns = [("jobs", "K jobs packed", "d"), ("targets_ranks", "jobs (targets, rank)", "s"),
+               ("bf16_base", "bf16 base", ""),
                ("ms_per_step", "ms/step", ".2f"), ("ms_per_job_step", "ms per job-step", ".2f"),
                ("tokens_per_s", "real tokens/s", ",.0f"), ("vs_one", "x one", ".2f"),
                ("peak_gib", "peak GiB", ".1f"), ("warmup_s", "warm-up s", ".0f"),
@@ -115,7 +133,8 @@ def main(argv=None) -> dict:
         "title": "Packed step (K sweep jobs through one frozen GPT-2 Medium shape, E2E, batch 8 "
                  "per job)",
         "command": "python -m bench.packed_step" + (" --tiny" if args.tiny else "")
-        + (f" --packs {args.packs}" if args.packs != "1,2,5,10" else ""),
+        + (f" --packs {args.packs}" if args.packs != "1,2,5,10" else "")
+        + (" --bf16-base" if args.bf16_base else ""),
         "environment": common.environment(device), "notes": notes,
         "tables": [{"columns": columns, "rows": rows}],
     }

@@ -16,6 +16,7 @@ On CPU (--tiny) the plain eager step is profiled and its operators take the kern
 from __future__ import annotations
 
 import time
+from functools import partial
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -69,7 +70,8 @@ def measure(targets: str, shape, tokenizer, batches, device, steps: int) -> tupl
         loss_fn = lm_loss
         if on_gpu:
             torch._dynamo.reset()  # each case compiles afresh (and stays under dynamo's limit)
-            loss_fn = fastpath.compile_loss(lm_loss, cuda_graphs=graphs)
+            loss_fn = fastpath.compile_loss(
+                partial(lm_loss, vocab_multiple=fastpath.VOCAB_MULTIPLE), cuda_graphs=graphs)
             fastpath.warm_up(loss_fn, model, shapes,
                              lambda: torch.autocast("cuda", dtype=torch.bfloat16), SMOOTH)
         step = step_fn(model, loss_fn, device, graphs)

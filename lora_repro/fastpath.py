@@ -14,18 +14,20 @@ launches and Python, not by the GPU. The tricks, each one line of code:
    length). Inductor's matmul padding (`shape_padding`) is off: it decides per matmul size
    whether to pad, and guards the length to the range where its choice holds (on an H200
    that specialized `labels` to its first length: 2 graphs for qv, 3 for qkvo); our matmul
-   dims are multiples of 8 but the vocabulary (50,257), whose two LM-head GEMMs then run
-   unaligned: 16% of a qv step's kernel time; sweeps trained within 2% of the tokens/s of
-   the earlier runs with padding on (bench/RESULTS.md). It then records one CUDA graph per
-   bucket, all before the first step: no job stalls to compile or record mid-training
-   (where it would also slow every job sharing the GPU). Only the length is symbolic:
+   dims are multiples of 8, and the vocabulary is padded by hand (5.). It then records
+   one CUDA graph per bucket, all before the first step: no job stalls to compile or record
+   mid-training (where it would also slow every job sharing the GPU). Only the length is symbolic:
    `dynamic=True` (every dim symbolic) was tried on an H200 and its qkvo jobs segfaulted
    while compiling.
 3. cuDNN's SDPA backend is off: it pays 130-170 ms the first time it meets each sequence
    length; flash / memory-efficient attention have no such warm-up.
 4. Fused AdamW and bf16 autocast live in the trainer; losses stay on the device between log
    steps (no host sync per step).
-5. Compilation is paid once per shape, not once per job: inductor's FX graph cache and
+5. The LM head's vocabulary is padded to a multiple of `VOCAB_MULTIPLE` inside the loss
+   (`trainer.lm_logits`; the logits are sliced back, same values): GPT-2's 50,257 rows put
+   its forward and backward GEMMs on unaligned kernels, 16% of a qv step's kernel time at
+   batch 8 and 21% with 10 jobs packed (bench/RESULTS.md, "Step profile", "Packed step").
+6. Compilation is paid once per shape, not once per job: inductor's FX graph cache and
    AOTAutograd's cache live in a persistent directory (`COMPILE_CACHE`, or the
    `TORCHINDUCTOR_CACHE_DIR` you set), shared by a sweep's jobs and by later sweeps.
 """
@@ -42,6 +44,7 @@ from lora_repro.data.encoding import IGNORE_INDEX
 
 COMPILE_CACHE = Path("~/.cache/lora_repro/inductor").expanduser()
 BUCKETS = (*range(16, 257, 16), 384, 512, 768, 1024)
+VOCAB_MULTIPLE = 64  # the LM head's rows, padded (50,257 -> 50,304)
 
 
 def length_buckets(max_length: int) -> list[int]:

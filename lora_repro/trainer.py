@@ -14,6 +14,7 @@ import random
 import socket
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -135,18 +136,33 @@ class TimeBudget:
         return min(total, step + max(0, int(left / per_step)))
 
 
+def lm_logits(lm_head: nn.Linear, hidden: torch.Tensor, vocab_multiple: int = 1) -> torch.Tensor:
+    """(B, T, V) logits of hidden states (B, T, d). With `vocab_multiple` > 1 the head's
+    (V, d) weight gets zero rows up to a multiple of it and the logits are sliced back to V:
+    the same values, but GPT-2's V = 50,257 (odd) otherwise forces the GPU onto unaligned
+    GEMM kernels (the fast path: `fastpath.VOCAB_MULTIPLE`, bench/RESULTS.md)."""
+    vocab = lm_head.weight.shape[0]
+    pad = -vocab % vocab_multiple
+    if pad == 0:
+        return lm_head(hidden)
+    bias = None if lm_head.bias is None else F.pad(lm_head.bias, (0, pad))
+    return F.linear(hidden, F.pad(lm_head.weight, (0, 0, 0, pad)), bias)[..., :vocab]
+
+
 def lm_loss(
     model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor,
-    label_smoothing: float = 0.0, reduction: str = "mean",
+    label_smoothing: float = 0.0, reduction: str = "mean", vocab_multiple: int = 1,
 ) -> torch.Tensor:
     """Next-token cross-entropy over target tokens (labels != -100).
 
     input_ids, labels: (B, T), right-padded. No attention mask is passed: with padding on
     the right, causal attention never lets a real token see a pad, and pads carry label
     -100, so the mask would change nothing but cost a mask build and the fused kernels.
+    `vocab_multiple`: see `lm_logits`.
     """
     hidden = model.transformer(input_ids=input_ids).last_hidden_state  # (B, T, d)
-    logits = model.lm_head(hidden[:, :-1])  # (B, T-1, V): position t predicts token t+1
+    # (B, T-1, V): position t predicts token t+1
+    logits = lm_logits(model.lm_head, hidden[:, :-1], vocab_multiple)
     return F.cross_entropy(
         logits.flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX,
         label_smoothing=label_smoothing, reduction=reduction,
@@ -270,7 +286,9 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
     schedule = Schedule(cfg.warmup_steps, total_steps, cfg.lr_schedule)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
     fast = cfg.compile if cfg.compile is not None else device.type == "cuda"
-    loss_fn = fastpath.compile_loss(lm_loss) if fast else lm_loss
+    loss_fn = lm_loss
+    if fast:  # compiled, and the LM head's vocabulary padded to aligned GEMMs
+        loss_fn = fastpath.compile_loss(partial(lm_loss, vocab_multiple=fastpath.VOCAB_MULTIPLE))
     buckets = fastpath.length_buckets(max_length) if fast else None
 
     epoch, batch_index, step = 0, 0, 0

@@ -61,6 +61,39 @@ def test_static_batch_pads_rows_and_length_without_changing_the_loss():
     torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("full", [False, True])
+def test_padded_vocabulary_gives_the_same_loss_and_gradients(full):
+    """The fast path's LM head padded to aligned rows (vocab 70 -> 128): logits sliced back,
+    so loss and gradients (LoRA factors, or every weight with the head tied to the
+    embedding) are the plain ones."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=70,
+                                       n_positions=64, resid_pdrop=0, embd_pdrop=0,
+                                       attn_pdrop=0))
+    if full:
+        model.requires_grad_(True)
+    else:
+        apply_lora(model, "qv", 2, 16, 0.0)
+        for m in model.modules():  # B starts at 0: make the factors' gradients non-trivial
+            if hasattr(m, "lora_B"):
+                torch.nn.init.normal_(m.lora_B)
+    batch = collate(features([6, 11, 9], seed=3), PAD)
+    grads = []
+    for multiple in (1, 64):
+        model.zero_grad()
+        loss = lm_loss(model, batch["input_ids"], batch["labels"], 0.1,
+                       vocab_multiple=multiple)
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                      if p.requires_grad}))
+    (loss1, g1), (loss64, g64) = grads
+    torch.testing.assert_close(loss64, loss1, rtol=1e-6, atol=1e-6)
+    assert g1.keys() == g64.keys() and len(g1) > 0
+    assert g64["transformer.wte.weight" if full else next(iter(g64))].abs().sum() > 0
+    for name in g1:
+        torch.testing.assert_close(g64[name], g1[name], rtol=1e-5, atol=1e-6)
+
+
 def test_one_graph_serves_every_bucket_and_nothing_compiles_after_warm_up():
     model = tiny_lora_model()
     buckets = fastpath.length_buckets(128)
