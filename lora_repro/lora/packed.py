@@ -21,8 +21,10 @@ rounding (other matmul shapes) and dropout (drawn once for the packed batch, not
 Why hand-written: peft's mixed-adapter batches serve inference (one adapter name per row)
 and cannot hold per-slice targets of GPT-2's fused c_attn (see `layer.py`).
 
-This is the building block of a packed sweep (`bench.packed_step` measures it); the
-trainer does not use it yet.
+This is the building block of a packed sweep; the trainer does not use it yet. Measured
+(`bench.packed_step`, one H200, GPT-2 Medium shape, E2E, batch 8 per job): the 10 jobs of
+the mission sweep packed step in 34.4 ms, 131k real tokens/s together, against 7.0 ms and
+65k for one job alone and 74k for 10 separate processes under MPS.
 """
 
 from __future__ import annotations
