@@ -32,7 +32,7 @@ import pandas as pd
 import torch
 
 from analysis import cli, linalg, plots, tables
-from analysis.runs import (
+from analysis.sweep_runs import (
     BaseWeights,
     Run,
     label,
@@ -44,7 +44,7 @@ from analysis.runs import (
 from lora_repro.errors import UserError
 
 COMMAND = "analysis.amplification"
-FULL_TARGETS = "qkvo"  # the matrices `lora_repro.runs.delta_weights_of` gives for method=full
+FULL_TARGETS = "qkvo"  # the matrices `lora_repro.run_reader.delta_weights_of` gives for method=full
 ROWS = ("dW", "W", "random", "norm_W", "norm_dW", "amplification")
 
 
@@ -91,7 +91,7 @@ class Updates:
     """dW (d_out x d_in) of each source per (layer, letter), as an SVD computed once.
 
     LoRA: the exact SVD of (alpha / r) B A from the factors (`linalg.svd_of_product`);
-    full fine-tuning: the SVD of W_ft - W_0 (`lora_repro.runs.delta_weights_of`).
+    full fine-tuning: the SVD of W_ft - W_0 (`lora_repro.run_reader.delta_weights_of`).
     """
 
     def __init__(self):
@@ -117,7 +117,7 @@ class Updates:
             a, b = factors[(layer, letter)]
             return linalg.svd_of_product(b * scaling, a)
         if run.path not in self._raw:
-            from lora_repro.runs import delta_weights_of
+            from lora_repro.run_reader import delta_weights_of
 
             self._raw[run.path] = delta_weights_of(run.path)
         return linalg.svd(self._raw[run.path][(layer, letter)], f"dW of {run.path.name}")

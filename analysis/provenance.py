@@ -96,7 +96,7 @@ def versions() -> dict[str, str]:
 
 
 def read(sweep: Path, runs) -> Provenance:
-    """The provenance of a sweep and its complete runs (`analysis.runs.Run`)."""
+    """The provenance of a sweep and its complete runs (`analysis.sweep_runs.Run`)."""
     jobs = rundir.find_runs(sweep)
     failed = {p.name: p.read_text().strip().partition(": ")[2] or p.read_text().strip()
               for p in sorted((sweep / FAILED).glob("*"))}

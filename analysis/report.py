@@ -33,7 +33,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import amplification, browser, cli, paper, provenance, subspace, tables
-from analysis.runs import Run, load_runs, lowest_seed_per_config
+from analysis.sweep_runs import Run, load_runs, lowest_seed_per_config
 from lora_repro.errors import UserError
 from lora_repro.rundir import read_json, write_atomic
 

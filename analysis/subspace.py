@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 
 from analysis import cli, linalg, plots, tables
-from analysis.runs import (
+from analysis.sweep_runs import (
     Run,
     groups_differing_in,
     label,

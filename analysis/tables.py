@@ -364,7 +364,7 @@ def choose_metric(summaries: Sequence[Mapping], wanted: str | None) -> str:
 
 def _grouped(runs, keys: Sequence[str]) -> dict[str, list]:
     """Runs by the values of `keys`, labelled by those that vary ("" when one group)."""
-    from analysis.runs import label, varying_keys
+    from analysis.sweep_runs import label, varying_keys
 
     varying = [k for k in varying_keys(runs) if k in keys]
     groups: dict[str, list] = {}
@@ -392,7 +392,7 @@ def command_tables(runs, metric: str) -> dict[str, pd.DataFrame]:
         out[name] = targets_rank_grid([run.summary for run in group], metric)
         few = fewer_seeds([run.summary for run in group])
         if few:
-            from analysis.runs import warn
+            from analysis.sweep_runs import warn
 
             warn(f"{name}: cells averaged over fewer seeds than the others: {', '.join(few)}")
     return out
@@ -401,7 +401,7 @@ def command_tables(runs, metric: str) -> dict[str, pd.DataFrame]:
 def run_command(args) -> int:
     """The command: write and print every table; returns the exit status."""
     from analysis import cli
-    from analysis.runs import load_runs
+    from analysis.sweep_runs import load_runs
 
     sweep, runs = load_runs(args.sweep)
     metric = choose_metric([run.summary for run in runs], args.metric)

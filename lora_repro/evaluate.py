@@ -94,7 +94,7 @@ def run_decode(args: argparse.Namespace) -> int:
     ``--tag``, write the side files named in the module docstring)."""
     from dataclasses import asdict
 
-    from lora_repro import runs
+    from lora_repro import run_reader
     from lora_repro.config import validate
     from lora_repro.decoding import decode_and_score
     from lora_repro.modeling import resolve_device
@@ -103,16 +103,17 @@ def run_decode(args: argparse.Namespace) -> int:
     run_dir, overrides = split_run_args(args.args)
     if args.tag is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", args.tag):
         raise UserError(f"--tag {args.tag!r}: use letters, digits, '_', '.', '-'")
-    cfg = validate(runs.run_config(run_dir, overrides))
+    cfg = validate(run_reader.run_config(run_dir, overrides))
     _check_files(run_dir)
     device = resolve_device(cfg.device)
     test = task_data(cfg.task).test
     if not test:
         raise UserError(f"task {cfg.task.name!r} of run={run_dir} has no test split")
-    model = runs.trained_model(run_dir, cfg).to(device)
+    model = run_reader.trained_model(run_dir, cfg).to(device)
     t0 = time.perf_counter()
     predictions = rundir.PREDICTIONS if args.tag is None else f"predictions-{args.tag}.txt"
-    metrics = decode_and_score(model, runs.run_tokenizer(run_dir, cfg), test, cfg, run_dir, device,
+    tokenizer = run_reader.run_tokenizer(run_dir, cfg)
+    metrics = decode_and_score(model, tokenizer, test, cfg, run_dir, device,
                                predictions=predictions)
     metrics["decode_s"] = time.perf_counter() - t0
     if args.tag is None:
@@ -129,12 +130,12 @@ def run_decode(args: argparse.Namespace) -> int:
 
 def score_run(run_dir: Path, overrides: list[str]) -> dict:
     """Score a run's ``predictions.txt`` against its task's test references."""
-    from lora_repro import runs
+    from lora_repro import run_reader
     from lora_repro.data.records import seen_flags
     from lora_repro.decoding import score
     from lora_repro.trainer import task_data
 
-    cfg = runs.run_config(run_dir, overrides)
+    cfg = run_reader.run_config(run_dir, overrides)
     check_references(cfg.task.references, cfg.task.name)
     _check_files(run_dir)
     path = run_dir / rundir.PREDICTIONS
@@ -143,7 +144,7 @@ def score_run(run_dir: Path, overrides: list[str]) -> dict:
     if len(hyps) != len(test):
         raise UserError(f"{path} has {len(hyps)} lines, the test split {len(test)} sources")
     metrics = score(cfg.task.metrics, [list(t.references) for t in test], hyps, seen_flags(test))
-    if cfg.task.references == runs.run_config(run_dir).task.references:
+    if cfg.task.references == run_reader.run_config(run_dir).task.references:
         _update_summary(run_dir, metrics)  # scores against other references are only printed
     return metrics
 

@@ -27,7 +27,7 @@ def export_peft(run_dir: Path, out_dir: Path, save_base: Path | None = None) -> 
     """Write the LoRA run at `run_dir` as a peft adapter directory `out_dir`; returns it."""
     from lora_repro.lora import adapter_factors, read_adapter
     from lora_repro.lora.peft_files import write_peft
-    from lora_repro.runs import adapter_path, base_model, run_config, run_tokenizer
+    from lora_repro.run_reader import adapter_path, base_model, run_config, run_tokenizer
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     cfg = run_config(run_dir)

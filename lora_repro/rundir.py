@@ -1,9 +1,10 @@
 """The run directory's layout and its writing: the contract between training and `analysis/`.
 
-Three modules speak for run directories, each for one side: this one names the files and
-writes them (and checks a finished job's files against their checksums); `lora_repro.runs`
-reads one job back (config, tokenizer, models, dW); `analysis.runs` finds a sweep's jobs
-for the analysis commands (complete, failed, incomplete).
+Three modules speak for run directories, each for one side, as their names say: this one
+names the files and writes them (and checks a finished job's files against their
+checksums); `lora_repro.run_reader` reads one job back (config, tokenizer, models, dW);
+`analysis.sweep_runs` finds a sweep's jobs for the analysis commands (complete, failed,
+incomplete).
 
     runs/<name>/<job>/
         run_config.json         the job's full config, written once the directory is checked

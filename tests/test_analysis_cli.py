@@ -17,7 +17,7 @@ from analysis import amplification, cli, linalg, subspace, tables
 from lora_repro import rundir
 from lora_repro.errors import UserError
 from lora_repro.lora import base_weights, read_adapter
-from lora_repro.runs import base_model
+from lora_repro.run_reader import base_model
 from lora_repro.trainer import train
 from tests.test_train import QUICK, make_cfg
 
@@ -272,7 +272,7 @@ def test_commands_run_as_modules(tmp_path):
 
 
 def test_base_weights_refuse_a_base_that_changed_since_training(sweep):
-    from analysis.runs import BaseWeights, Run
+    from analysis.sweep_runs import BaseWeights, Run
 
     job = sweep["dir"] / "r8-qv-s1"
     summary = rundir.read_json(job / rundir.SUMMARY)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from lora_repro import rundir, runs
+from lora_repro import run_reader, rundir
 from lora_repro.errors import UserError
 from lora_repro.evaluate import main
 from lora_repro.trainer import train
@@ -66,7 +66,7 @@ def test_a_run_saved_before_prompt_format_used_the_text_format(run_dir, tmp_path
     old = tmp_path / "old"
     shutil.copytree(run_dir, old)
     rundir.write_json(old / rundir.SUMMARY, summary)
-    cfg = runs.run_config(old)
+    cfg = run_reader.run_config(old)
     assert cfg.task.prompt_format == "text"  # so `decode run=old` feeds " ||" prompts
     rundir.check_same_run(old, summary["identity"], cfg)  # its rerun is the same run
     cfg.task.prompt_format = "official"

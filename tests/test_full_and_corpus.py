@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
-from lora_repro import rundir, runs
+from lora_repro import run_reader, rundir
 from lora_repro.lora import base_weights, delta_weights
 from lora_repro.trainer import train
 from tests.test_train import QUICK, make_cfg
@@ -55,9 +55,10 @@ def test_exported_model_is_a_base_for_lora(pretrained, tmp_path):
     cfg = make_cfg(*QUICK, "eval.test=false", "model.init=pretrained",
                    f"model.name={model_dir}", f"model.tokenizer={model_dir}")
     train(cfg, tmp_path)  # with the exported ByT5 tokenizer, not a GPT-2 one that reads nothing
-    assert runs.run_tokenizer(tmp_path, cfg)("ab", add_special_tokens=False).input_ids == [100, 101]
+    tokenizer = run_reader.run_tokenizer(tmp_path, cfg)
+    assert tokenizer("ab", add_special_tokens=False).input_ids == [100, 101]
     assert losses(tmp_path)[-1] < losses(tmp_path)[0]
-    base = runs.base_model(tmp_path)
+    base = run_reader.base_model(tmp_path)
     exported = GPT2LMHeadModel.from_pretrained(model_dir)
     assert torch.equal(base.transformer.h[1].attn.c_attn.weight,
                        exported.transformer.h[1].attn.c_attn.weight)
@@ -71,8 +72,8 @@ def test_full_fine_tuning_lowers_loss_and_gives_dW(tmp_path):
     assert summary["trainable_params"] == summary["total_params"]
     assert not (tmp_path / rundir.ADAPTER).exists()
     tuned = GPT2LMHeadModel.from_pretrained(tmp_path / rundir.MODEL)
-    base = runs.base_model(tmp_path)
-    dw = runs.delta_weights_of(tmp_path)  # the shared API, for LoRA and full runs alike
+    base = run_reader.base_model(tmp_path)
+    dw = run_reader.delta_weights_of(tmp_path)  # the shared API, for LoRA and full runs alike
     assert set(dw) == {(i, m) for i in range(2) for m in "qkvo"}
     d = tuned.config.n_embd
     w_ft = tuned.transformer.h[1].attn.c_attn.weight[:, 2 * d:].T  # v slice, d_out x d_in

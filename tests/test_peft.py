@@ -26,7 +26,7 @@ from lora_repro.lora import (
     save_adapter,
 )
 from lora_repro.lora.peft_files import write_peft
-from lora_repro.runs import seed_from_name, trained_model
+from lora_repro.run_reader import seed_from_name, trained_model
 from lora_repro.trainer import train
 from tests.test_train import QUICK, make_cfg
 

@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 import pytest
 
 from analysis import tables as T
-from lora_repro import rundir, runs
+from lora_repro import run_reader, rundir
 from lora_repro.config import TaskConfig, TrainConfig, validate
 from lora_repro.data import load_task
 from lora_repro.data.e2e import e2e_example
@@ -201,7 +201,7 @@ def test_runs_made_before_the_option_read_as_original(tmp_path):
     config = asdict(TrainConfig())
     del config["task"]["references"]
     (tmp_path / "run_config.json").write_text(json.dumps(config))
-    assert runs.run_config(tmp_path).task.references == "original"
+    assert run_reader.run_config(tmp_path).task.references == "original"
     assert rundir.flat_identity(config)["task.references"] == "original"
     old = rundir.identity(TrainConfig())
     del old["task"]["references"]
@@ -211,7 +211,7 @@ def test_runs_made_before_the_option_read_as_original(tmp_path):
         rundir.check_same_run(tmp_path, old, TrainConfig())
     config["task"] |= {"name": "webnlg"}  # its only text, whatever the run's age
     (tmp_path / "run_config.json").write_text(json.dumps(config))
-    assert runs.run_config(tmp_path).task.references == "paper"
+    assert run_reader.run_config(tmp_path).task.references == "paper"
 
 
 def test_score_either_way(tmp_path, capsys):

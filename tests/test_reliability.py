@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from analysis import tables
-from analysis.runs import load_runs
+from analysis.sweep_runs import load_runs
 from lora_repro import rundir
 from lora_repro.config import ModelConfig
 from lora_repro.errors import UserError

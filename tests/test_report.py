@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from analysis import browser, paper, report, tables
-from analysis.runs import Run
+from analysis.sweep_runs import Run
 from lora_repro import rundir
 from lora_repro.trainer import train
 from tests.test_train import QUICK, make_cfg

@@ -1,7 +1,7 @@
 """Read one job directory back: config, tokenizer, base and trained models, A/B factors, dW.
 
 The inverse of what `lora_repro.trainer.train` writes (layout and writing in
-`lora_repro.rundir`; a sweep's jobs are found by `analysis.runs`); used by
+`lora_repro.rundir`; a sweep's jobs are found by `analysis.sweep_runs`); used by
 `lora_repro.evaluate decode` and the `analysis` commands. A peft adapter directory reads
 as a LoRA run too (`peft_summary` says how its config is made).
 """

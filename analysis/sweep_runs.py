@@ -1,6 +1,6 @@
 """A sweep's runs, for the analysis commands: find, check, load, pair and label them.
 
-A thin edge over `lora_repro.rundir` (layout, writing, checksums) and `lora_repro.runs`
+A thin edge over `lora_repro.rundir` (layout, writing, checksums) and `lora_repro.run_reader`
 (reading one job back: adapters, base models, dW). A run's configuration is
 `summary.json["config"]`. A job that failed (a marker in `<sweep>/.failed/`) or is
 incomplete (no `summary.json`) is skipped with one warning line naming it; a complete job
@@ -112,8 +112,9 @@ def load_runs(sweep: Path | None) -> tuple[Path, list[Run]]:
 
 def peft_runs(sweep: Path) -> list[Run]:
     """The peft adapter directories below `sweep` as LoRA runs, their config made by
-    `lora_repro.runs.peft_summary` (an export pairs with its source run's sweep)."""
-    from lora_repro.runs import peft_dirs, peft_summary  # imports transformers: only when needed
+    `lora_repro.run_reader.peft_summary` (an export pairs with its source run's sweep)."""
+    # imports transformers: only when needed
+    from lora_repro.run_reader import peft_dirs, peft_summary
 
     return [Run(path, peft_summary(path)) for path in peft_dirs(sweep)]
 
@@ -190,7 +191,7 @@ def label(run: Run, keys: Sequence[str], sep: str = "_") -> str:
 def lora_factors(run: Run) -> tuple[dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]],
                                     dict]:
     """A (r x d_in), B (d_out x r) per (0-based layer, letter), and the adapter metadata."""
-    from lora_repro.runs import lora_factors_of  # imports transformers: only when needed
+    from lora_repro.run_reader import lora_factors_of  # imports transformers: only when needed
 
     return lora_factors_of(run.path)
 
@@ -218,7 +219,7 @@ class BaseWeights:
         if key not in self._weights:
             from lora_repro.lora import base_weights
             from lora_repro.modeling import base_fingerprint
-            from lora_repro.runs import base_model
+            from lora_repro.run_reader import base_model
 
             model = base_model(run.path)
             self._fingerprints[key] = base_fingerprint(model)
