@@ -59,6 +59,8 @@ def parse(argv):
     p.add_argument("--budget-s", type=float, default=900, help="the whole benchmark's limit")
     p.add_argument("--mps", action="store_true",
                    help="every part under an MPS server (hydra.launcher.mps=true)")
+    p.add_argument("--pack", type=int, default=1,
+                   help="jobs trained as one pack (hydra.launcher.pack); 1: off")
     p.add_argument("--cache-dir", default=None, help="compile cache (default: a fresh one)")
     p.add_argument("--work-dir", default=None, help="sweep dirs (default: a temp dir)")
     args = p.parse_args(argv)
@@ -73,7 +75,8 @@ def parse(argv):
 def sweep_args(args, ranks: str, targets: str, steps: int) -> list[str]:
     if args.tiny:
         return ["+experiment=smoke", f"rank={ranks}", f"targets={targets}", f"max_steps={steps}",
-                "task.n_train=40", "task.n_valid=8", "eval.test=false", "logger.every=2",
+                "task.n_train=40", "task.n_valid=8", "eval.test=false", "eval.base=false",
+                "logger.every=2",
                 "logger.wandb.mode=disabled"]
     return ["+experiment=offline_e2e", "model=gpt2-medium", "model.init=random",
             f"model.tokenizer={Path(args.tokenizer).resolve()}",
@@ -203,7 +206,7 @@ def main(argv=None) -> dict:
         ranks = "1,2" if args.tiny and ranks == RANKS else ranks
         n_jobs = len(ranks.split(",")) * len(targets.split(","))
         left = args.budget_s - (time.time() - t_start)
-        waves = math.ceil(n_jobs / (per_gpu * len(gpus.split(","))))
+        waves = math.ceil(math.ceil(n_jobs / args.pack) / (per_gpu * len(gpus.split(","))))
         if last_job_s is not None and waves * last_job_s > left or left < 20:
             skipped.append(f"{part} on GPUs {gpus} (about {waves * (last_job_s or 0):.0f} s; "
                            f"{left:.0f} s left)")
@@ -212,7 +215,7 @@ def main(argv=None) -> dict:
         sweep_dir = work / f"{part.replace('=', '')}-gpus{gpus.replace(',', '+')}"
         argv = [*sweep_args(args, ranks, targets, steps), f"hydra.sweep.dir={sweep_dir}",
                 f"hydra.launcher.gpus=[{gpus}]", f"hydra.launcher.per_gpu={per_gpu}",
-                f"hydra.launcher.mps={str(args.mps).lower()}"]
+                f"hydra.launcher.mps={str(args.mps).lower()}", f"hydra.launcher.pack={args.pack}"]
         print(f"{part}: {n_jobs} jobs, GPUs {gpus}, per_gpu {per_gpu}", file=sys.stderr)
         wall, rc = run_sweep(argv, env, left)
         jobs = [j for d in sorted(sweep_dir.glob("r*")) if (j := job_record(d))]
@@ -280,16 +283,18 @@ def report(args, rows, job_rows, skipped, total_s, n_sweep, note) -> dict:
     result = {
         "title": "Sweep (mission sweep, parallel launcher, GPT-2 Medium shape, E2E, batch 8)"
         + (f", GPU sets {' vs '.join(args.gpus)}" if args.gpus and not args.tiny else "")
-        + (", under MPS" if args.mps else ""),
+        + (", under MPS" if args.mps else "")
+        + (f", packs of {args.pack}" if args.pack > 1 else ""),
         "command": "python -m bench.sweep" + (" --tiny" if args.tiny else "")
         + (f" --gpus {' '.join(args.gpus)}" if args.gpus and not args.tiny else "")
-        + (" --mps" if args.mps else ""),
+        + (" --mps" if args.mps else "") + (f" --pack {args.pack}" if args.pack > 1 else ""),
         "environment": env, "notes": notes,
         "tables": [{"columns": columns, "rows": rows},
                    {"columns": job_columns, "rows": job_rows}],
         "total_s": total_s,
     }
-    common.save("sweep_mps" if args.mps else "sweep", args, result)
+    common.save("sweep_pack" if args.pack > 1 else "sweep_mps" if args.mps else "sweep", args,
+                result)
     return result
 
 

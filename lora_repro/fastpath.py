@@ -115,7 +115,7 @@ def warm_up(loss_fn, model: torch.nn.Module, shapes: list[tuple[int, int]], auto
                 step_begin()
                 with autocast():
                     loss = loss_fn(model, ids, labels, label_smoothing)
-                loss.backward()
+                loss.sum().backward()  # a pack's loss is one per job (packed_trainer)
                 # The gradients live in the graphs' memory, which the next replay reuses:
                 # accumulating into them there would read overwritten memory.
                 model.zero_grad(set_to_none=True)

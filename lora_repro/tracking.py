@@ -78,6 +78,7 @@ class Tracker:
                 name=run_dir.name,
                 id=hashlib.sha1(str(run_dir).encode()).hexdigest()[:16],
                 resume="allow",
+                reinit="create_new",  # a pack of jobs (packed_trainer) logs K runs at once
                 config=config,
                 settings=wandb.Settings(silent=True, console="off"),
             )

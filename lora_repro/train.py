@@ -137,9 +137,11 @@ def check_launcher(args: list[str]) -> None:
     and MPS (its control program must be there)."""
     for arg in args:
         key, _, value = arg.partition("=")
-        if key in ("hydra.launcher.per_gpu", "hydra.launcher.workers") and not (
+        if key in ("hydra.launcher.per_gpu", "hydra.launcher.workers",
+                   "hydra.launcher.pack") and not (
                 value.isdigit() and int(value) >= 1):
-            raise UserError(f"{key}={value}: must be an integer >= 1 (jobs at once)")
+            raise UserError(f"{key}={value}: must be an integer >= 1 (jobs at once, or in a "
+                            "pack)")
         if key == "hydra.launcher.mps" and value.lower() not in ("auto", "true", "false"):
             raise UserError(f"{arg}: must be auto (the default), true or false")
         if key == "hydra.launcher.mps" and value.lower() == "true" and not shutil.which(

@@ -169,24 +169,31 @@ def lm_loss(
     )
 
 
-@torch.no_grad()
 def validation_loss(model, encoded, batch_size, pad_id, device, autocast) -> float:
     """Mean token NLL (no label smoothing) over a validation set, batched by length."""
+    return validation_losses(model, encoded, batch_size, pad_id, device, autocast)[0]
+
+
+@torch.no_grad()
+def validation_losses(model, encoded, batch_size, pad_id, device, autocast,
+                      jobs: int = 1) -> list[float]:
+    """`validation_loss` of each of the `jobs` packed in `model` (`lora_repro.lora.packed`):
+    every batch is repeated once per job, job k on the k-th copy of its rows."""
     if not encoded:
-        return float("nan")
+        return [float("nan")] * jobs
     model.eval()
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]["input_ids"]))
-    total = torch.zeros((), device=device, dtype=torch.float64)
+    total = torch.zeros(jobs, device=device, dtype=torch.float64)
     count = 0
     for start in range(0, len(order), batch_size):
         batch = collate([encoded[i] for i in order[start:start + batch_size]], pad_id)
+        ids, labels = (batch[key].to(device).repeat(jobs, 1) for key in ("input_ids", "labels"))
         with autocast():
-            losses = lm_loss(model, batch["input_ids"].to(device), batch["labels"].to(device),
-                             reduction="sum")
-        total += losses.double()
+            losses = lm_loss(model, ids, labels, reduction="none")  # (jobs * B * (T-1),)
+        total += losses.reshape(jobs, -1).sum(1).double()
         count += int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
     model.train()
-    return total.item() / max(count, 1)
+    return (total / max(count, 1)).tolist()
 
 
 def _rng_state() -> dict:
@@ -221,6 +228,35 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torc
                              fused=device.type == "cuda")
 
 
+def run_setup(cfg: TrainConfig):
+    """(device, its autocast, `load_data`'s (tokenizer, train, valid, test)) of a run."""
+    device = resolve_device(cfg.device)
+    autocast = autocast_for(cfg.precision, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return device, autocast, load_data(cfg)
+
+
+def write_run_config(cfg: TrainConfig, run_dir: Path, tokenizer) -> None:
+    """The run directory's first files: its config, and a "bpe" tokenizer trained here."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rundir.write_json(run_dir / rundir.CONFIG, asdict(cfg))
+    if cfg.model.tokenizer == "bpe":
+        tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
+
+
+def lr_schedule(cfg: TrainConfig, optimizer, n_examples: int):
+    """(`Schedule`, its `LambdaLR`) over the run's optimizer steps: `epochs` passes over
+    `n_examples` in batches of `batch_size`, `grad_accum` batches a step, capped at
+    `max_steps`."""
+    steps_per_epoch = math.ceil(math.ceil(n_examples / cfg.batch_size) / cfg.grad_accum)
+    total_steps = cfg.epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps)
+    schedule = Schedule(cfg.warmup_steps, total_steps, cfg.lr_schedule)
+    return schedule, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
 def train(cfg: TrainConfig, run_dir: Path) -> dict:
     """Run (or resume, or skip if complete) one training job in `run_dir`; return its summary.
     The process holds `run_dir` throughout (`rundir.hold`): a second one gets a UserError."""
@@ -247,14 +283,9 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
     ckpt = rundir.load_checkpoint(run_dir / rundir.CHECKPOINT)
     if ckpt is not None:
         rundir.check_same_run(run_dir, ckpt["identity"], cfg)
-    device = resolve_device(cfg.device)
-    autocast = autocast_for(cfg.precision, device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     t_start, started_at, warmup_s, first_step_at = time.perf_counter(), time.time(), None, None
-
     # Data, then the model, before the run directory is written: a refused run leaves nothing.
-    tokenizer, train_set, valid_set, test = load_data(cfg)
+    device, autocast, (tokenizer, train_set, valid_set, test) = run_setup(cfg)
     lengths = [len(x["input_ids"]) for x in train_set]
     pad_id = tokenizer.pad_token_id
     max_length = cfg.task.block_size if cfg.task.name == "corpus" else cfg.task.max_length
@@ -272,19 +303,11 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
         apply_lora(model, cfg.targets, cfg.rank, cfg.alpha, cfg.dropout)
     else:
         model.requires_grad_(True)  # full fine-tuning (or pretraining): every parameter
-    run_dir.mkdir(parents=True, exist_ok=True)
-    rundir.write_json(run_dir / rundir.CONFIG, asdict(cfg))
-    if cfg.model.tokenizer == "bpe":
-        tokenizer.save_pretrained(run_dir / rundir.TOKENIZER)
+    write_run_config(cfg, run_dir, tokenizer)
     model.to(device).train()
     optimizer = _optimizer(model, cfg, device)
-    batches_per_epoch = math.ceil(len(train_set) / cfg.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
-    total_steps = cfg.epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps)
-    schedule = Schedule(cfg.warmup_steps, total_steps, cfg.lr_schedule)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    schedule, scheduler = lr_schedule(cfg, optimizer, len(train_set))
+    total_steps = schedule.total
     fast = cfg.compile if cfg.compile is not None else device.type == "cuda"
     loss_fn = lm_loss
     if fast:  # compiled, and the LM head's vocabulary padded to aligned GEMMs
@@ -408,6 +431,21 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
         val_loss = validation_loss(model, valid_set, cfg.eval.batch_size, pad_id, device, autocast)
         tracker.log({"val_loss": val_loss, "epoch": epoch}, step)
 
+    record = {"base_fingerprint": base_id, "base_metrics": base_metrics, "steps": step,
+              "train_examples": len(train_set), "train_tokens": tokens_total,
+              "train_tokens_per_s": tokens_total / train_time if train_time else None,
+              "warmup_s": warmup_s, "compile_s": compile_s, "started_at": started_at,
+              "first_step_at": first_step_at}
+    return finish_run(cfg, run_dir, model, tokenizer, test, device, tracker, val_loss,
+                      record, t_start)
+
+
+def finish_run(cfg: TrainConfig, run_dir: Path, model: nn.Module, tokenizer, test,
+               device: torch.device, tracker: Tracker, val_loss: float, record: dict,
+               t_start: float) -> dict:
+    """A trained job's end: save the adapter (or the model), decode and score the test set,
+    write `summary.json` last (`record`: the training's counts and times, as they go into
+    it) and return it."""
     model.eval()
     if cfg.method == "lora":
         save_adapter(model, run_dir / rundir.ADAPTER)
@@ -423,29 +461,28 @@ def _train(cfg: TrainConfig, run_dir: Path) -> dict:
         "identity": rundir.identity(cfg),
         "config": asdict(cfg),
         "metrics": metrics,
-        "base_fingerprint": base_id,
-        "base_metrics": base_metrics,
+        "base_fingerprint": record["base_fingerprint"],
+        "base_metrics": record["base_metrics"],
         "trainable_params": count_trainable(model),
         "total_params": sum(p.numel() for p in model.parameters()),
-        "steps": step,
-        "train_examples": len(train_set),
-        "train_tokens": tokens_total,
+        **{key: record[key] for key in ("steps", "train_examples", "train_tokens")},
         "wall_time_s": time.perf_counter() - t_start,
-        "train_tokens_per_s": tokens_total / train_time if train_time else None,
+        "train_tokens_per_s": record["train_tokens_per_s"],
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda" else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "git_commit": rundir.git_commit(),
         # When and where this process ran (a sweep's launcher and bench.sweep read them).
-        "warmup_s": warmup_s, "compile_s": compile_s, "started_at": started_at,
-        "first_step_at": first_step_at,
+        **{key: record[key] for key in ("warmup_s", "compile_s", "started_at",
+                                        "first_step_at")},
         "ended_at": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "mps": "CUDA_MPS_PIPE_DIRECTORY" in os.environ,  # under an MPS server (the launcher's)
         "versions": {"torch": torch.__version__},
+        **({"pack": record["pack"]} if "pack" in record else {}),
     }
     tracker.summary({**metrics, "trainable_params": summary["trainable_params"]})
     tracker.finish()
     summary["artifacts"] = rundir.checksums(run_dir)
-    rundir.write_json(summary_path, summary)
+    rundir.write_json(run_dir / rundir.SUMMARY, summary)
     return summary

@@ -94,3 +94,18 @@ def test_sweep_aggregate_is_tokens_over_the_union_of_training_spans():
     # training spans [10, 30] and [20, 40] overlap, [50, 60] stands alone: 40 s busy
     jobs = [job(0, 10, 30, 100), job(5, 15, 40, 200), job(45, 5, 60, 100)]
     assert sweep.aggregate(jobs) == (400 / 40, 40.0)
+
+
+def test_sweep_tiny_packed(tmp_path):
+    """The parallel part with its 2 jobs trained as one pack (hydra.launcher.pack=2)."""
+    from bench import sweep
+
+    out = tmp_path / "sweep_pack.json"
+    result = sweep.main(["--tiny", "--pack", "2", "--parts", "parallel", "--out", str(out),
+                         "--work-dir", str(tmp_path / "w")])
+    assert result["title"].endswith("packs of 2") and result["command"].endswith("--pack 2")
+    (part,), jobs = result["tables"][0]["rows"], result["tables"][1]["rows"]
+    assert part["jobs"] == 2 and part["most_at_once_per_gpu"] == 2  # one process, both jobs
+    assert all(j["tokens_per_s"] > 0 for j in jobs)
+    summaries = [json.loads(p.read_text()) for p in (tmp_path / "w").glob("*/r*/summary.json")]
+    assert len(summaries) == 2 and len({s["pid"] for s in summaries}) == 1

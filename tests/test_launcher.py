@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hydra_plugins.lora_repro_launcher import launcher
-from hydra_plugins.lora_repro_launcher.launcher import slots
+from hydra_plugins.lora_repro_launcher.launcher import packs, slots
 from lora_repro import rundir
 from lora_repro.lora import read_adapter
 from lora_repro.train import compose_config
@@ -46,6 +46,29 @@ def test_slots_give_each_gpu_per_gpu_places():
     assert slots([], per_gpu=4, workers=2) == [None, None]
     with pytest.raises(ValueError, match="per_gpu=0"):
         slots(["0"], per_gpu=0, workers=1)
+
+
+def test_packs_group_jobs_with_equal_keys_in_sweep_order():
+    assert packs(["a", "a", None, "b", "a", "a", "a"], 2) == [[0, 1], [2], [3], [4, 5], [6]]
+    assert packs(["a", "a"], 1) == [[0], [1]]
+
+
+@pytest.mark.slow
+def test_a_packed_sweep_trains_its_jobs_in_one_process_each_into_its_own_dir(tmp_path):
+    # no dropout: a pack draws one mask for all its jobs; eval.base (smoke's) does not pack
+    no_dropout = ["dropout=0", "model.dropout=0", "eval.base=false"]
+    out = cli("-m", *QUICK, *no_dropout, "rank=1,2", "targets=qv,qkvo",
+              "hydra.launcher.pack=4", f"hydra.sweep.dir={tmp_path}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    records = [json.loads(p.read_text()) for p in tmp_path.glob(f"*/{rundir.SUMMARY}")]
+    assert len(records) == 4 and len({r["pid"] for r in records}) == 1
+    assert all(sorted(r["pack"]) == sorted(p.name for p in tmp_path.glob("r*")) for r in records)
+    assert out.stdout.count("started on CPU (pack of 4)") == 4
+    assert out.stdout.count(": val_loss") == 4
+    train(compose_config([*QUICK, *no_dropout, "rank=2", "targets=qkvo"]), tmp_path / "alone")
+    alone, packed = read_adapter(tmp_path / "alone" / rundir.ADAPTER)[0], adapters(tmp_path)
+    assert all(torch.allclose(alone[k], packed["r2-qkvo-s1"][k], rtol=1e-5, atol=1e-7)
+               for k in alone)
 
 
 @pytest.mark.slow

@@ -223,6 +223,7 @@ def test_cli_smoke_and_sweep_dirs(tmp_path):
     (["model.n_layr=3"], "unknown key 'model.n_layr'; allowed there: id, name"),
     (["-m", "rank=4,0"], "rank=0"),  # a sweep checks every value before its first job
     (["-m", "rank=1,2", "hydra.launcher.per_gpu=0"], "hydra.launcher.per_gpu=0: must be"),
+    (["-m", "rank=1,2", "hydra.launcher.pack=two"], "hydra.launcher.pack=two: must be"),
     (["-m", "rank=1,2", "hydra.launcher.mps=yes"], "hydra.launcher.mps=yes: must be auto"),
 ])
 def test_cli_bad_input_is_one_line_and_leaves_no_summary(args, match, tmp_path):

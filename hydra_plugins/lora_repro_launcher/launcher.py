@@ -18,6 +18,10 @@ terminal gets one line per job as it starts and ends and one progress bar for th
 Without GPUs and with `workers=1` (the default on a CPU machine) the jobs run one after
 another in this process, exactly as Hydra's basic launcher.
 
+`pack=K` (opt-in) groups jobs that differ only in rank and targets into packs of up to K
+(`packs`, `lora_repro.packed_trainer.pack_key`); a pack is one worker process on one slot,
+which trains its jobs as one (`packed_trainer.train_pack`) and reports each job.
+
 Why not hydra-joblib-launcher (the maintained parallel launcher): joblib's loky backend reuses
 its worker processes across jobs and gives no way to pin a job to a GPU. A CUDA context
 cannot move to another GPU inside a reused process, and a process that trains job after job
@@ -141,10 +145,28 @@ def _set_env(values: dict[str, str | None]) -> None:
             os.environ[var] = value
 
 
+def packs(keys: Sequence[str | None], size: int) -> list[list[int]]:
+    """The jobs (indices into `keys`) grouped into packs of at most `size` jobs with equal
+    keys, in sweep order; a job with key None is a pack of its own."""
+    groups: dict[str, list[int]] = {}
+    units: list[list[int]] = []
+    for i, key in enumerate(keys):
+        if key is None or size <= 1:
+            units.append([i])
+            continue
+        group = groups.get(key)
+        if group is None or len(group) == size:
+            group = groups[key] = []
+            units.append(group)
+        group.append(i)
+    return units
+
+
 class ParallelLauncher(Launcher):
     def __init__(self, gpus: Any = None, per_gpu: int = 4, workers: int = 1,
-                 mps: Any = "auto") -> None:
+                 mps: Any = "auto", pack: int = 1) -> None:
         self.gpus, self.per_gpu, self.workers, self.mps = gpus, per_gpu, workers, mps
+        self.pack = pack
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -161,7 +183,8 @@ class ParallelLauncher(Launcher):
         elif isinstance(gpus, (int, str)):  # gpus=1 or gpus="0,1" rather than a list
             gpus = [g for g in str(gpus).split(",") if g.strip()]
         free = slots(gpus, self.per_gpu, self.workers)
-        if free == [None]:  # CPU, one at a time: in this process, as Hydra's basic launcher
+        if free == [None] and self.pack <= 1:  # CPU, one at a time, in this process:
+            # as Hydra's basic launcher
             from hydra._internal.core_plugins.basic_launcher import BasicLauncher
 
             basic = BasicLauncher()
@@ -174,10 +197,17 @@ class ParallelLauncher(Launcher):
         with tempfile.TemporaryDirectory(prefix="lora_repro_sweep_") as tmp:
             jobs = [self._prepare(initial_job_idx + i, list(o), Path(tmp))
                     for i, o in enumerate(job_overrides)]
+            keys = [_pack_key(job) for job in jobs]
+            alone = [job["dir"].name for job, key in zip(jobs, keys, strict=True)
+                     if key is None and not (job["dir"] / "summary.json").is_file()]
+            if self.pack > 1 and alone:
+                print(f"sweep: {len(alone)} job(s) train alone, not packed ({alone[0]}, ...): "
+                      "a pack needs method=lora, grad_accum=1, max_grad_norm=0, eval.base=false")
+            units = packs(keys, self.pack)
             mps = use_mps(self.mps, gpus)
             required = str(self.mps).lower() != "auto"
             with mps_server(Path(tmp), required) if mps else contextlib.nullcontext():
-                return _Sweep(jobs, free).run()
+                return _Sweep(jobs, free, units).run()
 
     def _prepare(self, idx: int, overrides: list[str], tmp: Path) -> dict:
         """The job's config, directory and a pickled payload for its worker process."""
@@ -206,13 +236,29 @@ class ParallelLauncher(Launcher):
                 "payload": payload}
 
 
-class _Sweep:
-    """Runs prepared jobs in worker processes, one per free slot, and reports each."""
+def _pack_key(job: dict) -> str | None:
+    """`packed_trainer.pack_key` of a prepared job; None (alone) once it is complete."""
+    if (job["dir"] / "summary.json").is_file():
+        return None
+    from lora_repro.config import validate
+    from lora_repro.packed_trainer import pack_key
 
-    def __init__(self, jobs: list[dict], free: list[str | None]):
+    config = job["config"].copy()
+    with open_dict(config):
+        del config["hydra"]
+    return pack_key(validate(OmegaConf.to_object(config)))
+
+
+class _Sweep:
+    """Runs prepared jobs in worker processes, one per free slot, and reports each. A unit
+    of several jobs (a pack) is one process."""
+
+    def __init__(self, jobs: list[dict], free: list[str | None],
+                 units: list[list[int]] | None = None):
         from tqdm.auto import tqdm
 
         self.jobs, self.n_slots = jobs, len(free)
+        self.units = units or [[i] for i in range(len(jobs))]
         self.free: queue.Queue = queue.Queue()
         for slot in free:
             self.free.put(slot)
@@ -233,9 +279,12 @@ class _Sweep:
                  + (f" ({self.n_slots // len(gpus)} per GPU on GPUs {','.join(gpus)})"
                     if gpus else " on CPU"))
         with ThreadPoolExecutor(max_workers=self.n_slots) as pool:
-            futures = [pool.submit(self.run_job, job) for job in self.jobs]
+            futures = [pool.submit(self.run_unit, [self.jobs[i] for i in unit])
+                       for unit in self.units]
             try:
-                returns = [f.result() for f in futures]
+                done = {i: r for unit, f in zip(self.units, futures, strict=True)
+                        for i, r in zip(unit, f.result(), strict=True)}
+                returns = [done[i] for i in range(len(self.jobs))]
             except KeyboardInterrupt:  # the running jobs got the Ctrl-C too; start no more
                 pool.shutdown(wait=False, cancel_futures=True)
                 raise
@@ -244,18 +293,19 @@ class _Sweep:
                  f"{self.failed} failed")
         return returns
 
-    def run_job(self, job: dict) -> JobReturn:
+    def run_unit(self, unit: list[dict]) -> list[JobReturn]:
+        """One job, or a pack of jobs, in one worker process on a free slot."""
         slot = self.free.get()  # a pool thread always finds one: as many threads as slots
         try:
-            value = self.execute(job, slot)
+            values = self.execute(unit, slot)
         finally:
             self.free.put(slot)
             with self.lock:
-                self.bar.update()
-        config = job["config"]
-        return JobReturn(overrides=job["overrides"], cfg=config, hydra_cfg=config,
-                         working_dir=os.getcwd(), task_name=str(config.hydra.job.name),
-                         status=JobStatus.COMPLETED, _return_value=value)
+                self.bar.update(len(unit))
+        return [JobReturn(overrides=job["overrides"], cfg=job["config"], hydra_cfg=job["config"],
+                          working_dir=os.getcwd(), task_name=str(job["config"].hydra.job.name),
+                          status=JobStatus.COMPLETED, _return_value=value)
+                for job, value in zip(unit, values, strict=True)]
 
     def env(self, slot: str | None) -> dict[str, str]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -268,28 +318,37 @@ class _Sweep:
             env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)
         return env
 
-    def execute(self, job: dict, slot: str | None) -> Any:
-        """Run one job's worker; print its end line; return the task's return value."""
+    def execute(self, unit: list[dict], slot: str | None) -> list[Any]:
+        """Run the worker of one job (or pack); print each job's end line; return the task's
+        return values."""
+        started = time.time()
+        pack = f" (pack of {len(unit)})" if len(unit) > 1 else ""
+        for job in unit:
+            self.say(f"{job['dir']}: started on {where(slot)}{pack}")
+        payloads = [str(job["payload"]) for job in unit]
+        with unit[0]["payload"].with_suffix(".log").open("w") as early:  # before train.log
+            proc = subprocess.Popen([sys.executable, "-m", WORKER, *payloads],
+                                    env=self.env(slot), stdout=early, stderr=subprocess.STDOUT)
+            rc = proc.wait()
+        return [self.report(job, slot, proc.pid, rc, started, unit[0]) for job in unit]
+
+    def report(self, job: dict, slot: str | None, pid: int, rc: int, started: float,
+               first: dict) -> Any:
+        """One job's end line, from what its worker process left; its return value."""
         from lora_repro.train import FAILED, result_line
 
         job_dir, payload = job["dir"], job["payload"]
         marker = job_dir.parent / FAILED / job_dir.name
         out = payload.with_suffix(".out")
-        started = time.time()
-        self.say(f"{job_dir}: started on {where(slot)}")
-        with payload.with_suffix(".log").open("w") as early:  # anything before train.log opens
-            proc = subprocess.Popen([sys.executable, "-m", WORKER, str(payload)],
-                                    env=self.env(slot), stdout=early, stderr=subprocess.STDOUT)
-            rc = proc.wait()
         summary_path = job_dir / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-        ran = summary.get("pid") == proc.pid and (summary.get("ended_at") or 0) >= started
+        ran = summary.get("pid") == pid and (summary.get("ended_at") or 0) >= started
         if not ran and marker.is_file() and marker.stat().st_mtime >= started - 1:
             self.say(f"error: {marker.read_text().strip()}", error=True)
             return None
         if rc != 0 or not out.is_file():  # the process died (a kill, out of memory, a crash)
             line = f"{job_dir.name}: its process exited with code {rc}: " + _last_line(
-                job_dir / LOG, payload.with_suffix(".log"), since=started)
+                first["dir"] / LOG, first["payload"].with_suffix(".log"), since=started)
             marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(line + "\n")
             self.say(f"error: {line}", error=True)

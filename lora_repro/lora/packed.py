@@ -21,7 +21,7 @@ rounding (other matmul shapes) and dropout (drawn once for the packed batch, not
 Why hand-written: peft's mixed-adapter batches serve inference (one adapter name per row)
 and cannot hold per-slice targets of GPT-2's fused c_attn (see `layer.py`).
 
-This is the building block of a packed sweep; the trainer does not use it yet. Measured
+`lora_repro.packed_trainer` trains a sweep's packs with it (`hydra.launcher.pack`). Measured
 (`bench.packed_step`, one H200, GPT-2 Medium shape, E2E, batch 8 per job): the 10 jobs of
 the mission sweep packed step in 34.4 ms, 131k real tokens/s together, against 7.0 ms and
 65k for one job alone and 74k for 10 separate processes under MPS.
@@ -29,8 +29,9 @@ the mission sweep packed step in 34.4 ms, 131k real tokens/s together, against 7
 
 from __future__ import annotations
 
+import copy
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +39,7 @@ from torch import nn
 
 from lora_repro.data.encoding import IGNORE_INDEX
 from lora_repro.lora.layer import init_seed
-from lora_repro.lora.model import Key, _get, _set, _validate
+from lora_repro.lora.model import Key, _get, _set, _validate, apply_lora, lora_layers
 from lora_repro.lora.targets import TARGETS, blocks, group_by_module
 
 
@@ -129,6 +130,28 @@ def apply_packed_lora(model: nn.Module, jobs: Sequence[PackedJob],
     return model
 
 
+def unpack(model: nn.Module, dropout: float = 0.0) -> Iterator[nn.Module]:
+    """Each job of a packed model in turn, as the model a job alone trains (`apply_lora`'s
+    layers, on a copy of the frozen base) holding that job's factors. `model` itself
+    becomes the plain base. A copy each: decoding merges the adapter into its base."""
+    jobs = next(m for m in model.modules() if isinstance(m, PackedLoRAConv1D)).jobs
+    factors = [{key: (a.clone(), b.clone()) for key, (a, b) in job_factors(model, k).items()}
+               for k in range(len(jobs))]
+    for block in blocks(model):
+        for path in {t.module for t in TARGETS.values()}:
+            if isinstance(module := _get(block, path), PackedLoRAConv1D):
+                _set(block, path, module.base)
+    for job, found in zip(jobs, factors, strict=True):
+        single = apply_lora(copy.deepcopy(model), job.targets, job.rank, job.alpha, dropout)
+        with torch.no_grad():
+            for layer, m in lora_layers(single):
+                for s, target in enumerate(m.targets):
+                    a, b = found[(layer, target.letter)]
+                    m.lora_A[s].copy_(a)
+                    m.lora_B[s].copy_(b)
+        yield single
+
+
 def job_factors(model: nn.Module, k: int) -> dict[Key, tuple[torch.Tensor, torch.Tensor]]:
     """Job k's (A, B) per (layer, letter), as `lora_factors` gives them for a job alone."""
     out = {}
@@ -139,8 +162,8 @@ def job_factors(model: nn.Module, k: int) -> dict[Key, tuple[torch.Tensor, torch
     return out
 
 
-def packed_loss(token_losses: torch.Tensor, labels: torch.Tensor, jobs: int) -> torch.Tensor:
-    """The sum over jobs of each job's mean token loss: its gradient for job k's factors is
+def job_losses(token_losses: torch.Tensor, labels: torch.Tensor, jobs: int) -> torch.Tensor:
+    """(K,): each job's mean token loss. The gradient of their sum for job k's factors is
     that of job k's loss alone.
 
     Args:
@@ -150,5 +173,80 @@ def packed_loss(token_losses: torch.Tensor, labels: torch.Tensor, jobs: int) -> 
         jobs: K.
     """
     counts = (labels[:, 1:] != IGNORE_INDEX).reshape(jobs, -1).sum(1)  # (K,)
-    return (token_losses.reshape(jobs, -1).sum(1) / counts.clamp(min=1)).sum()
+    return token_losses.reshape(jobs, -1).sum(1) / counts.clamp(min=1)
+
+
+def packed_loss(token_losses: torch.Tensor, labels: torch.Tensor, jobs: int) -> torch.Tensor:
+    """The sum over jobs of each job's mean token loss (`job_losses`): one backward trains
+    every job as if alone."""
+    return job_losses(token_losses, labels, jobs).sum()
+
+
+Index = tuple  # indexes a packed parameter: job k's part of it
+
+
+def job_slices(model: nn.Module, k: int) -> list[tuple[str, nn.Parameter, Index]]:
+    """Job k's parameters as a job alone names and orders them (`apply_lora`, the trainer's
+    checkpoints): (name, the packed parameter, the index of job k's part in it). A job alone
+    has lora_A (k_live, r, d_in) and lora_B (k_live, d_out, r) in each module it adapts,
+    at the same module path as the packed layer."""
+    out = []
+    for path, m in model.named_modules():
+        if isinstance(m, PackedLoRAConv1D):
+            live = [s for s, letter in enumerate(m.live[k]) if letter is not None]
+            if live:
+                r = m.jobs[k].rank
+                out.append((f"{path}.lora_A", m.lora_A, (k, live, slice(0, r))))
+                out.append((f"{path}.lora_B", m.lora_B, (k, live, slice(None), slice(0, r))))
+    return out
+
+
+def job_state(model: nn.Module, optimizer: torch.optim.Optimizer, k: int) -> tuple[dict, dict]:
+    """Job k's (trainable state, optimizer state_dict) in the format of a job alone, so that
+    its checkpoint resumes as a job alone or in a pack. `optimizer`: one AdamW over the
+    packed model's trainable parameters, in the groups the trainer makes (the LoRA factors
+    in the first)."""
+    slices = job_slices(model, k)
+    trainable = {name: p.detach()[index].cpu().clone() for name, p, index in slices}
+    full = optimizer.state_dict()
+    ids = _param_ids(optimizer)
+    state = {}
+    for j, (_, p, index) in enumerate(slices):
+        saved = full["state"].get(ids[id(p)])
+        if saved:
+            state[j] = {key: value.clone() if key == "step" else value[index].cpu().clone()
+                        for key, value in saved.items()}
+    groups = [{**group, "params": list(range(len(slices))) if g == 0 else []}
+              for g, group in enumerate(full["param_groups"])]
+    return trainable, {"state": state, "param_groups": groups}
+
+
+def load_job_states(model: nn.Module, optimizer: torch.optim.Optimizer,
+                    states: list[tuple[dict, dict]]) -> None:
+    """The inverse of `job_state` for every job at once: job k's (trainable, optimizer
+    state) into its parts of the packed parameters and of the optimizer's moments."""
+    ids = _param_ids(optimizer)
+    full = optimizer.state_dict()
+    moments: dict[int, dict] = {}
+    with torch.no_grad():
+        for k, (trainable, opt_state) in enumerate(states):
+            for j, (name, p, index) in enumerate(job_slices(model, k)):
+                p[index] = trainable[name].to(p)
+                saved = opt_state["state"].get(j)
+                if saved:
+                    m = moments.setdefault(ids[id(p)], {"step": saved["step"].clone()})
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        m.setdefault(key, torch.zeros(p.shape, dtype=p.dtype))[index] = \
+                            saved[key].to(p.dtype)
+    # the saved groups' settings (the lr where training stopped), with the packed params
+    groups = [{**saved, "params": group["params"]}
+              for saved, group in zip(states[0][1]["param_groups"], full["param_groups"],
+                                      strict=True)]
+    optimizer.load_state_dict({"state": moments, "param_groups": groups})
+
+
+def _param_ids(optimizer: torch.optim.Optimizer) -> dict[int, int]:
+    """id(parameter) -> its number in `optimizer.state_dict()`."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    return {id(p): i for i, p in enumerate(params)}
 
