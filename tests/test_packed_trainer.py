@@ -41,18 +41,17 @@ def test_pack_key_packs_jobs_that_differ_only_in_rank_and_targets():
 
 
 def test_a_pack_trains_each_job_as_alone_into_its_own_run_dir(tmp_path):
-    jobs = cfgs()
+    jobs = cfgs()  # the pack decodes and scores its jobs; alone, they only train
     alone = [train(c, tmp_path / "alone" / f"{t}{r}")
-             for c, (t, r) in zip(jobs, JOBS, strict=True)]
+             for c, (t, r) in zip(cfgs("eval.test=false"), JOBS, strict=True)]
     dirs = [tmp_path / "pack" / f"{t}{r}" for t, r in JOBS]
     packed = train_pack(jobs, dirs)
     for a, p, run_dir, (t, r) in zip(alone, packed, dirs, JOBS, strict=True):
         assert close(adapter(tmp_path / "alone" / f"{t}{r}"), adapter(run_dir))
         assert p["pack"] == ["qv1", "qkvo4", "v2"] and p["steps"] == a["steps"] == 12
         assert p["metrics"]["val_loss"] == pytest.approx(a["metrics"]["val_loss"], rel=1e-5)
-        assert p["metrics"]["BLEU"] == pytest.approx(a["metrics"]["BLEU"], rel=1e-4, abs=1e-9)
         assert p["trainable_params"] == a["trainable_params"]
-        assert (run_dir / rundir.PREDICTIONS).is_file()
+        assert "BLEU" in p["metrics"] and (run_dir / rundir.PREDICTIONS).is_file()
         rundir.verify_artifacts(run_dir, p)
         lines = [json.loads(x) for x in (run_dir / rundir.METRICS).read_text().splitlines()]
         assert [x["step"] for x in lines if "train_loss" in x] == [4, 8, 12]
@@ -110,3 +109,26 @@ def test_a_pack_on_the_fast_path_compiles_once_and_trains_as_the_plain_pack(tmp_
     assert all(s["compile_s"] is not None for s in summaries)
     for a, b in zip(plain, fast, strict=True):
         assert close(adapter(a), adapter(b))
+
+
+@pytest.mark.gpu
+def test_a_pack_trains_on_cuda_with_one_graph_and_as_on_cpu(tmp_path):
+    """The fast path on CUDA (inductor, CUDA graphs, bf16): the pack's warm-up records every
+    shape with one compile, and training gives the CPU pack's adapters up to bf16's
+    rounding (each factor's direction)."""
+    from torch._dynamo.utils import counters
+
+    jobs = cfgs("eval.test=false")
+    cpu = [tmp_path / "cpu" / f"{t}{r}" for t, r in JOBS]
+    train_pack(jobs, cpu)
+    torch._dynamo.reset()
+    counters.clear()
+    gpu = [tmp_path / "gpu" / f"{t}{r}" for t, r in JOBS]
+    summaries = train_pack(cfgs("eval.test=false", "device=cuda"), gpu)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert all(s["compile_s"] is not None and s["steps"] == 12 for s in summaries)
+    for a, b in zip(cpu, gpu, strict=True):  # the same directions, to bf16's rounding
+        x, y = adapter(a), adapter(b)
+        assert x.keys() == y.keys()
+        assert all(torch.cosine_similarity(x[k].flatten(), y[k].flatten(), dim=0) > 0.98
+                   for k in x)

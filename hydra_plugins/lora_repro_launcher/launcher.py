@@ -246,7 +246,10 @@ def _pack_key(job: dict) -> str | None:
     config = job["config"].copy()
     with open_dict(config):
         del config["hydra"]
-    return pack_key(validate(OmegaConf.to_object(config)))
+    try:
+        return pack_key(validate(OmegaConf.to_object(config)))
+    except Exception:  # a config the job itself refuses, with its own line: it runs alone
+        return None
 
 
 class _Sweep:

@@ -93,7 +93,6 @@ def main_pack(payload_paths: list[str]) -> None:
     """Several jobs, trained as one pack (`train_pack`); each gets its `.out` or marker."""
     import contextlib
 
-    from hydra.core.hydra_config import HydraConfig
     from hydra.core.utils import JobStatus, run_job
     from omegaconf import OmegaConf
 
@@ -106,9 +105,8 @@ def main_pack(payload_paths: list[str]) -> None:
     dirs = [Path(p["job_dir"]) for p in payloads]
     cfgs = []
 
-    def setup(cfg):  # run by run_job in the job's Hydra context: its config, made and checked
+    def setup(cfg) -> None:  # run by run_job in the job's Hydra context: its checked config
         cfgs.append(validate(OmegaConf.to_object(cfg)))
-        return str(HydraConfig.get().runtime.output_dir)
 
     error, summaries = None, []
     try:
