@@ -106,9 +106,11 @@ def train_pack(cfgs: list[TrainConfig], run_dirs: list[Path]) -> list[dict]:
 
 
 def _train_pack(cfgs: list[TrainConfig], run_dirs: list[Path]) -> list[dict]:
+    """`train_pack`'s body, run while the directories are held: which jobs are done, which
+    pack, which resume alone."""
     summaries: dict[int, dict] = {}
     todo = [i for i, d in enumerate(run_dirs) if not (d / rundir.SUMMARY).is_file()]
-    for i in set(range(len(cfgs))) - set(todo):
+    for i in sorted(set(range(len(cfgs))) - set(todo)):
         summaries[i] = train(cfgs[i], run_dirs[i])  # checks it, says it is complete
     ckpts = [rundir.load_checkpoint(run_dirs[i] / rundir.CHECKPOINT) for i in todo]
     if len({c["step"] if c else None for c in ckpts}) > 1:
@@ -155,7 +157,8 @@ def _train_packed(cfgs: list[TrainConfig], run_dirs: list[Path], ckpts: list) ->
     if fast:
         loss_fn = fastpath.compile_loss(
             partial(loss_fn, vocab_multiple=fastpath.VOCAB_MULTIPLE))
-    buckets = fastpath.length_buckets(cfg.task.max_length) if fast else None
+    max_length = cfg.task.block_size if cfg.task.name == "corpus" else cfg.task.max_length
+    buckets = fastpath.length_buckets(max_length) if fast else None
 
     epoch, batch_index, step, tokens_total, train_time = 0, 0, 0, 0, 0.0
     val_losses, val_step = [float("nan")] * k_jobs, -1
