@@ -158,6 +158,9 @@ def _train_packed(cfgs: list[TrainConfig], run_dirs: list[Path], ckpts: list) ->
         loss_fn = fastpath.compile_loss(
             partial(loss_fn, vocab_multiple=fastpath.VOCAB_MULTIPLE))
     max_length = cfg.task.block_size if cfg.task.name == "corpus" else cfg.task.max_length
+    # examples per validation batch: each is repeated for the K jobs, so the rows (and the
+    # (rows, T, vocab) logits) stay those of a job alone
+    val_batch = max(1, cfg.eval.batch_size // k_jobs)
     buckets = fastpath.length_buckets(max_length) if fast else None
 
     epoch, batch_index, step, tokens_total, train_time = 0, 0, 0, 0, 0.0
@@ -261,8 +264,8 @@ def _train_packed(cfgs: list[TrainConfig], run_dirs: list[Path], ckpts: list) ->
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             t_val = time.perf_counter()
-            val_losses = validation_losses(model, valid_set, cfg.eval.batch_size, pad_id,
-                                           device, autocast, k_jobs)
+            val_losses = validation_losses(model, valid_set, val_batch, pad_id, device,
+                                           autocast, k_jobs)
             for tracker, val_loss in zip(trackers, val_losses, strict=True):
                 tracker.log({"val_loss": val_loss, "epoch": epoch}, step)
             val_step = step
@@ -270,8 +273,8 @@ def _train_packed(cfgs: list[TrainConfig], run_dirs: list[Path], ckpts: list) ->
             checkpoint()
     bar.close()
     if val_step != step:
-        val_losses = validation_losses(model, valid_set, cfg.eval.batch_size, pad_id, device,
-                                       autocast, k_jobs)
+        val_losses = validation_losses(model, valid_set, val_batch, pad_id, device, autocast,
+                                       k_jobs)
         for tracker, val_loss in zip(trackers, val_losses, strict=True):
             tracker.log({"val_loss": val_loss, "epoch": epoch}, step)
 
