@@ -18,25 +18,17 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 
 import torch
 
 from bench import common
 from lora_repro import fastpath
-from lora_repro.lora.packed import PackedJob, apply_packed_lora, packed_loss
-from lora_repro.trainer import lm_loss
+from lora_repro.lora.packed import PackedJob, apply_packed_lora
+from lora_repro.packed_trainer import pack_loss
 
 ALPHA, DROPOUT, SMOOTH, BATCH, SWEEP = 32.0, 0.1, 0.1, 8, 10
 JOBS = [(targets, rank) for rank in (1, 2, 4, 8, 64) for targets in ("qv", "qkvo")]
-
-
-def pack_loss(jobs: int, vocab_multiple: int = 1):
-    """The trainer's `lm_loss` signature, for K packed jobs."""
-    def loss(model, input_ids, labels, label_smoothing=0.0):
-        tokens = lm_loss(model, input_ids, labels, label_smoothing, reduction="none",
-                         vocab_multiple=vocab_multiple)
-        return packed_loss(tokens, labels, jobs)
-    return loss
 
 
 def frozen_to_bf16(model: torch.nn.Module) -> None:
@@ -66,10 +58,10 @@ def measure(k: int, shape, tokenizer, batches, device, steps: int,
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu)
 
     t0 = time.perf_counter()
-    loss_fn = pack_loss(k)
+    loss_fn = partial(pack_loss, jobs=k)  # (K,): each job's loss, as the packed trainer's
     if on_gpu:
         torch._dynamo.reset()
-        loss_fn = fastpath.compile_loss(pack_loss(k, fastpath.VOCAB_MULTIPLE))
+        loss_fn = fastpath.compile_loss(partial(loss_fn, vocab_multiple=fastpath.VOCAB_MULTIPLE))
         shapes = sorted({tuple(b["input_ids"].shape) for b, _ in packed})
         fastpath.warm_up(loss_fn, model, shapes, autocast, SMOOTH)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4,
@@ -79,8 +71,8 @@ def measure(k: int, shape, tokenizer, batches, device, steps: int,
         if on_gpu:
             fastpath.step_begin()
         with autocast():
-            loss = loss_fn(model, batch["input_ids"], batch["labels"], SMOOTH)
-        loss.backward()
+            losses = loss_fn(model, batch["input_ids"], batch["labels"], SMOOTH)
+        losses.sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 

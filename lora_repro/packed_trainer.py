@@ -69,9 +69,12 @@ from lora_repro.trainer import (
     write_run_config,
 )
 
+PACKS_NEED = "method=lora, grad_accum=1, max_grad_norm=0, eval.base=false"
+
 
 def pack_key(cfg: TrainConfig) -> str | None:
-    """Jobs with equal keys can train as one pack; None: this job trains alone."""
+    """Jobs with equal keys can train as one pack; None: this job trains alone (a pack
+    needs `PACKS_NEED`)."""
     if cfg.method != "lora" or cfg.grad_accum != 1 or cfg.max_grad_norm > 0 or cfg.eval.base:
         return None
     config = asdict(cfg)

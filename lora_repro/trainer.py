@@ -461,25 +461,22 @@ def finish_run(cfg: TrainConfig, run_dir: Path, model: nn.Module, tokenizer, tes
         "identity": rundir.identity(cfg),
         "config": asdict(cfg),
         "metrics": metrics,
-        "base_fingerprint": record["base_fingerprint"],
-        "base_metrics": record["base_metrics"],
         "trainable_params": count_trainable(model),
         "total_params": sum(p.numel() for p in model.parameters()),
-        **{key: record[key] for key in ("steps", "train_examples", "train_tokens")},
+        # base_fingerprint, base_metrics, steps, train_examples, train_tokens,
+        # train_tokens_per_s, warmup_s, compile_s, started_at, first_step_at (and a pack's
+        # "pack"); the times say when and where this process ran (the sweep launcher and
+        # bench.sweep read them)
+        **record,
         "wall_time_s": time.perf_counter() - t_start,
-        "train_tokens_per_s": record["train_tokens_per_s"],
         "peak_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30
         if device.type == "cuda" else None,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "git_commit": rundir.git_commit(),
-        # When and where this process ran (a sweep's launcher and bench.sweep read them).
-        **{key: record[key] for key in ("warmup_s", "compile_s", "started_at",
-                                        "first_step_at")},
         "ended_at": time.time(), "host": socket.gethostname(), "pid": os.getpid(),
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
         "mps": "CUDA_MPS_PIPE_DIRECTORY" in os.environ,  # under an MPS server (the launcher's)
         "versions": {"torch": torch.__version__},
-        **({"pack": record["pack"]} if "pack" in record else {}),
     }
     tracker.summary({**metrics, "trainable_params": summary["trainable_params"]})
     tracker.finish()

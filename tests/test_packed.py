@@ -6,7 +6,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from lora_repro.data import collate
 from lora_repro.lora import apply_lora, lora_factors
-from lora_repro.lora.packed import PackedJob, apply_packed_lora, job_factors, packed_loss
+from lora_repro.lora.packed import PackedJob, apply_packed_lora, job_factors, job_losses
 from lora_repro.trainer import lm_loss
 from tests.test_fastpath import PAD, features
 
@@ -60,8 +60,8 @@ def test_each_packed_job_starts_and_trains_as_it_would_alone():
         train(model, batches[k], lambda m, b: lm_loss(m, b["input_ids"], b["labels"]))
     stacked = [{name: torch.cat([batches[k][s][name] for k in range(len(JOBS))])
                 for name in ("input_ids", "labels")} for s in range(3)]
-    train(packed, stacked, lambda m, b: packed_loss(
-        lm_loss(m, b["input_ids"], b["labels"], reduction="none"), b["labels"], len(JOBS)))
+    train(packed, stacked, lambda m, b: job_losses(
+        lm_loss(m, b["input_ids"], b["labels"], reduction="none"), b["labels"], len(JOBS)).sum())
 
     for k, model in enumerate(alone):
         got = job_factors(packed, k)
@@ -77,10 +77,10 @@ def test_each_packed_job_starts_and_trains_as_it_would_alone():
     assert not packed.transformer.h[1].attn.c_proj.lora_B[0].any()  # only job 1 has o
 
 
-def test_packed_loss_is_the_sum_of_each_jobs_mean():
+def test_job_losses_are_each_jobs_mean_over_its_own_rows():
     labels = torch.tensor([[0, 5, 5, -100], [0, 5, -100, -100], [0, -100, -100, -100],
                            [0, 5, 5, 5]])
     losses = torch.arange(12, dtype=torch.float)  # (K*B*(T-1),), K=2, B=2, T=4
     losses = losses * (labels[:, 1:] != -100).flatten()
-    want = (0 + 1 + 3) / 3 + (9 + 10 + 11) / 3  # job 0: rows 0-1; job 1: rows 2-3
-    assert packed_loss(losses, labels, jobs=2).item() == pytest.approx(want)
+    want = [(0 + 1 + 3) / 3, (9 + 10 + 11) / 3]  # job 0: rows 0-1; job 1: rows 2-3
+    assert job_losses(losses, labels, jobs=2).tolist() == pytest.approx(want)

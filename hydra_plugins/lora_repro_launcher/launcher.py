@@ -197,13 +197,7 @@ class ParallelLauncher(Launcher):
         with tempfile.TemporaryDirectory(prefix="lora_repro_sweep_") as tmp:
             jobs = [self._prepare(initial_job_idx + i, list(o), Path(tmp))
                     for i, o in enumerate(job_overrides)]
-            keys = [_pack_key(job) for job in jobs]
-            alone = [job["dir"].name for job, key in zip(jobs, keys, strict=True)
-                     if key is None and not (job["dir"] / "summary.json").is_file()]
-            if self.pack > 1 and alone:
-                print(f"sweep: {len(alone)} job(s) train alone, not packed ({alone[0]}, ...): "
-                      "a pack needs method=lora, grad_accum=1, max_grad_norm=0, eval.base=false")
-            units = packs(keys, self.pack)
+            units = _packs(jobs, self.pack) if self.pack > 1 else None
             mps = use_mps(self.mps, gpus)
             required = str(self.mps).lower() != "auto"
             with mps_server(Path(tmp), required) if mps else contextlib.nullcontext():
@@ -236,20 +230,29 @@ class ParallelLauncher(Launcher):
                 "payload": payload}
 
 
-def _pack_key(job: dict) -> str | None:
-    """`packed_trainer.pack_key` of a prepared job; None (alone) once it is complete."""
-    if (job["dir"] / "summary.json").is_file():
-        return None
+def _packs(jobs: list[dict], size: int) -> list[list[int]]:
+    """`packs` of prepared jobs by `packed_trainer.pack_key`; a complete job (it will only
+    say so) and one whose config it refuses (with its own line) run alone. One line names
+    the unfinished jobs that cannot pack."""
     from lora_repro.config import validate
-    from lora_repro.packed_trainer import pack_key
+    from lora_repro.packed_trainer import PACKS_NEED, pack_key
 
-    config = job["config"].copy()
-    with open_dict(config):
-        del config["hydra"]
-    try:
-        return pack_key(validate(OmegaConf.to_object(config)))
-    except Exception:  # a config the job itself refuses, with its own line: it runs alone
-        return None
+    keys, alone = [], []
+    for job in jobs:
+        key = None
+        if not (job["dir"] / "summary.json").is_file():
+            config = job["config"].copy()
+            with open_dict(config):
+                del config["hydra"]
+            with contextlib.suppress(Exception):  # the job refuses it itself, in one line
+                key = pack_key(validate(OmegaConf.to_object(config)))
+            if key is None:
+                alone.append(job["dir"].name)
+        keys.append(key)
+    if alone:
+        print(f"sweep: {len(alone)} job(s) train alone, not packed ({alone[0]}, ...): a pack "
+              f"needs {PACKS_NEED}")
+    return packs(keys, size)
 
 
 class _Sweep:

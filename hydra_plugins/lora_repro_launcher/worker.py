@@ -52,13 +52,11 @@ def main(payload_path: str) -> None:
 
     from lora_repro import rundir
     from lora_repro.errors import UserError
-    from lora_repro.train import FAILED
 
     payload = _load(payload_path)
     module, name = payload["task"]
     task = getattr(importlib.import_module(module), name)  # hydra.main's wrapper passes cfg on
     job_dir = Path(payload["job_dir"])
-    marker = job_dir.parent / FAILED / job_dir.name
     error, value = None, None
     try:
         with rundir.hold(job_dir):
@@ -75,10 +73,18 @@ def main(payload_path: str) -> None:
     except UserError as e:  # the job directory is held by another process
         error = str(e)
     if error is not None:
-        print(f"error: {job_dir.name}: {error}", file=sys.stderr)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        marker.write_text(f"{job_dir.name}: {error}\n")
+        _mark_failed(job_dir, error)
     _write_out(payload_path, value)
+
+
+def _mark_failed(job_dir: Path, error: str) -> None:
+    """The job's error line, on stderr and in its marker `<sweep>/.failed/<job>`."""
+    from lora_repro.train import FAILED
+
+    print(f"error: {job_dir.name}: {error}", file=sys.stderr)
+    marker = job_dir.parent / FAILED / job_dir.name
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{job_dir.name}: {error}\n")
 
 
 def _write_out(payload_path: str, value) -> None:
@@ -113,7 +119,7 @@ def main_pack(payload_paths: list[str]) -> None:
         with contextlib.ExitStack() as held:
             for job_dir in dirs:
                 held.enter_context(rundir.hold(job_dir))
-            for job_dir in dirs:  # as `train._run` does: an old failure is not this run's
+                # as `train._run` does: an old failure is not this run's
                 (job_dir.parent / FAILED / job_dir.name).unlink(missing_ok=True)
             _log_to(dirs[0] / "train.log")
             for job_dir in dirs[1:]:
@@ -136,10 +142,7 @@ def main_pack(payload_paths: list[str]) -> None:
             traceback.print_exc()
     for i, (path, job_dir) in enumerate(zip(payload_paths, dirs, strict=True)):
         if error is not None:
-            print(f"error: {job_dir.name}: {error}", file=sys.stderr)
-            marker = job_dir.parent / FAILED / job_dir.name
-            marker.parent.mkdir(parents=True, exist_ok=True)
-            marker.write_text(f"{job_dir.name}: {error}\n")
+            _mark_failed(job_dir, error)
         else:
             print(f"{job_dir}: val_loss {summaries[i]['metrics']['val_loss']:.4f}")
             _write_out(path, summaries[i]["metrics"].get("val_loss"))

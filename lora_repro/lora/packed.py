@@ -14,7 +14,7 @@ with n equal output slices (3 for c_attn: q, k, v; 1 for c_proj: o) and holds
 Job k's slice s is live if s is one of its targets, with its rank r_k <= r_max in the first
 r_k rows of A and columns of B. Everything else starts at zero and stays zero: a zero row of
 A meets a zero column of B, so both get zero gradients, and AdamW (weight decay included)
-leaves zeros at zero. So with one shared AdamW and `packed_loss` (the sum of the jobs' own
+leaves zeros at zero. So with one shared AdamW and the sum of `job_losses` (the jobs' own
 mean losses), each job's factors follow the updates they would get alone, up to float
 rounding (other matmul shapes) and dropout (drawn once for the packed batch, not per job).
 
@@ -176,12 +176,6 @@ def job_losses(token_losses: torch.Tensor, labels: torch.Tensor, jobs: int) -> t
     return token_losses.reshape(jobs, -1).sum(1) / counts.clamp(min=1)
 
 
-def packed_loss(token_losses: torch.Tensor, labels: torch.Tensor, jobs: int) -> torch.Tensor:
-    """The sum over jobs of each job's mean token loss (`job_losses`): one backward trains
-    every job as if alone."""
-    return job_losses(token_losses, labels, jobs).sum()
-
-
 Index = tuple  # indexes a packed parameter: job k's part of it
 
 
@@ -207,14 +201,15 @@ def job_state(model: nn.Module, optimizer: torch.optim.Optimizer, k: int) -> tup
     packed model's trainable parameters, in the groups the trainer makes (the LoRA factors
     in the first)."""
     slices = job_slices(model, k)
-    trainable = {name: p.detach()[index].cpu().clone() for name, p, index in slices}
+    # (indexing by the list of live slices copies: nothing here shares the packed storage)
+    trainable = {name: p.detach()[index].cpu() for name, p, index in slices}
     full = optimizer.state_dict()
     ids = _param_ids(optimizer)
     state = {}
     for j, (_, p, index) in enumerate(slices):
         saved = full["state"].get(ids[id(p)])
         if saved:
-            state[j] = {key: value.clone() if key == "step" else value[index].cpu().clone()
+            state[j] = {key: value.clone() if key == "step" else value[index].cpu()
                         for key, value in saved.items()}
     groups = [{**group, "params": list(range(len(slices))) if g == 0 else []}
               for g, group in enumerate(full["param_groups"])]
