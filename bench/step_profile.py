@@ -3,6 +3,7 @@
     python -m bench.step_profile            # GPU: GPT-2 Medium shape, E2E dev batches, batch 8
     python -m bench.step_profile --tiny     # CPU smoke test of the script itself
     python -m bench.step_profile --targets qkvo   # one target set (a process of its own)
+    python -m bench.step_profile --pack 10        # the mission sweep's 10 jobs packed
 
 For targets qv and qkvo (r=4): the step as the trainer runs it (compiled loss, CUDA graphs,
 bf16 autocast, fused AdamW), timed with the device synchronized; then the same compiled step
@@ -10,6 +11,8 @@ without CUDA graphs under torch.profiler (the same kernels, launched one by one:
 graph replays need not list them), summed per kernel name. Kernel time per step against the
 step's wall time says whether the GPU's work or what surrounds it bounds a step, and so
 whether jobs sharing a GPU can overlap (bench.sweep); the top kernels say which work to cut.
+With `--pack K` the step is that of the first K mission-sweep jobs trained as one
+(`lora_repro.lora.packed`, as `bench.packed_step` and a packed sweep run it).
 On CPU (--tiny) the plain eager step is profiled and its operators take the kernels' place.
 """
 
@@ -21,9 +24,11 @@ from functools import partial
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench import common
+from bench import common, packed_step
 from lora_repro import fastpath
 from lora_repro.lora import apply_lora
+from lora_repro.lora.packed import PackedJob, apply_packed_lora
+from lora_repro.packed_trainer import pack_loss
 from lora_repro.trainer import lm_loss
 
 RANK, ALPHA, DROPOUT, SMOOTH, BATCH, TOP = 4, 32.0, 0.1, 0.1, 8, 12
@@ -39,7 +44,7 @@ def step_fn(model, loss_fn, device, graphs: bool):
             fastpath.step_begin()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             loss = loss_fn(model, batch["input_ids"], batch["labels"], SMOOTH)
-        loss.backward()
+        loss.sum().backward()  # a pack's loss is one per job
         opt.step()
         opt.zero_grad(set_to_none=True)
 
@@ -56,22 +61,40 @@ def kernel_table(prof, steps: int, on_gpu: bool) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us"])
 
 
-def measure(targets: str, shape, tokenizer, batches, device, steps: int) -> tuple[dict, list]:
-    """(the step's row, its top kernels) for one target set."""
-    on_gpu = device.type == "cuda"
+def single(targets: str, shape, tokenizer, device):
+    """(label, model, loss, batch of the step) for one job of r=4 on `targets`."""
     model = apply_lora(common.base_model(shape, tokenizer, device), targets, RANK, ALPHA,
-                       DROPOUT).train()
+                       DROPOUT)
+    return targets, model, lm_loss, lambda batch: batch
+
+
+def packed(k: int, shape, tokenizer, device):
+    """(label, model, loss, batch of the step) for the first `k` mission-sweep jobs packed:
+    each job on its own copy of the batch."""
+    jobs = [PackedJob(t, r, packed_step.ALPHA, base_seed=i)
+            for i, (t, r) in enumerate(packed_step.JOBS[:k])]
+    model = apply_packed_lora(common.base_model(shape, tokenizer, device), jobs, DROPOUT)
+    return (f"pack of {k}", model, partial(pack_loss, jobs=k),
+            lambda batch: {name: x.repeat(k, 1) for name, x in batch.items()})
+
+
+def measure(case, batches, device, steps: int) -> tuple[dict, list]:
+    """(the step's row, its top kernels) for one case (`single` or `packed`)."""
+    on_gpu = device.type == "cuda"
+    targets, model, base_loss, expand = case
+    model.train()
+    batches = [expand(b) for b in batches]
     shapes = sorted({tuple(b["input_ids"].shape) for b in batches})
     row = {"targets": targets, "shapes": len(shapes)}
 
     def timed(graphs: bool):
         """Compile (on GPU), warm up, run every batch: (the step, warm-up s, ms/step)."""
         t0 = time.perf_counter()
-        loss_fn = lm_loss
+        loss_fn = base_loss
         if on_gpu:
             torch._dynamo.reset()  # each case compiles afresh (and stays under dynamo's limit)
             loss_fn = fastpath.compile_loss(
-                partial(lm_loss, vocab_multiple=fastpath.VOCAB_MULTIPLE), cuda_graphs=graphs)
+                partial(base_loss, vocab_multiple=fastpath.VOCAB_MULTIPLE), cuda_graphs=graphs)
             fastpath.warm_up(loss_fn, model, shapes,
                              lambda: torch.autocast("cuda", dtype=torch.bfloat16), SMOOTH)
         step = step_fn(model, loss_fn, device, graphs)
@@ -102,19 +125,25 @@ def measure(targets: str, shape, tokenizer, batches, device, steps: int) -> tupl
 def main(argv=None) -> dict:
     parser = common.arguments(__doc__.splitlines()[0])
     parser.add_argument("--targets", default="qv,qkvo", help="target sets, in this order")
+    parser.add_argument("--pack", type=int, default=0,
+                        help="profile the first K mission-sweep jobs packed instead")
     args = parser.parse_args(argv)
     tokenizer, shape, encoded, _, device = common.setup(args)
     steps = 3 if args.tiny else 20
     batches = [b for b, _ in common.static_batches(encoded, tokenizer.pad_token_id, BATCH,
                                                  2 * steps, device)]
     rows, tops = [], []
-    for targets in args.targets.split(","):
-        row, top = measure(targets, shape, tokenizer, batches, device, steps)
+    cases = ([partial(packed, args.pack)] if args.pack else
+             [partial(single, targets) for targets in args.targets.split(",")])
+    for case in cases:
+        row, top = measure(case(shape, tokenizer, device), batches, device, steps)
         rows.append(row)
         tops += top
     unit = "kernels" if device.type == "cuda" else "operators (CPU, eager)"
+    what = (f"The first {args.pack} mission-sweep jobs packed (lora_repro.lora.packed), batch "
+            f"{BATCH} per job" if args.pack else f"LoRA r={RANK}, batch {BATCH}")
     notes = [
-        f"LoRA r={RANK}, batch {BATCH}, {len(batches)} length-grouped E2E batches (padded to "
+        f"{what}, {len(batches)} length-grouped E2E batches (padded to "
         f"the fast path's buckets), timed after a warm-up; {steps} of them profiled. Wall: "
         "the step as training runs it (CUDA graphs), device synchronized. Kernel time: the "
         f"self time of the step's {unit} per step, from torch.profiler over the same compiled "
@@ -132,13 +161,16 @@ def main(argv=None) -> dict:
     for t in tops:  # a table cell: no pipes, and long template names cut
         t["kernel"] = t["kernel"].replace("|", "/")[:90]
     result = {
-        "title": "Step profile (GPT-2 Medium shape, E2E, batch 8, LoRA r=4)",
+        "title": (f"Step profile, {args.pack} jobs packed (GPT-2 Medium shape, E2E, batch 8 "
+                  "per job)" if args.pack else
+                  "Step profile (GPT-2 Medium shape, E2E, batch 8, LoRA r=4)"),
         "command": "python -m bench.step_profile" + (" --tiny" if args.tiny else "")
-        + (f" --targets {args.targets}" if args.targets != "qv,qkvo" else ""),
+        + (f" --targets {args.targets}" if args.targets != "qv,qkvo" else "")
+        + (f" --pack {args.pack}" if args.pack else ""),
         "environment": common.environment(device), "notes": notes,
         "tables": [{"columns": columns, "rows": rows}, {"columns": top_columns, "rows": tops}],
     }
-    common.save("step_profile", args, result)
+    common.save("step_profile_pack" if args.pack else "step_profile", args, result)
     return result
 
 

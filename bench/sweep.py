@@ -143,11 +143,11 @@ def most_at_once(jobs: list[dict]) -> int:
 
 
 def summarize(part: str, gpus: str, per_gpu: int, jobs: list[dict], wall: float, rc,
-              n_sweep: int) -> dict:
+              n_sweep: int, pack: int = 1) -> dict:
     agg, agg_s = aggregate(jobs) if jobs else (None, 0.0)
     med = lambda key: statistics.median(v) if (v := [j[key] for j in jobs if j[key]]) else None
     n_gpus = len(gpus.split(","))
-    waves = math.ceil(n_sweep / (per_gpu * n_gpus))
+    waves = math.ceil(math.ceil(n_sweep / pack) / (per_gpu * n_gpus))  # processes' waves
     warm = med("warmup_s")
     paper_tokens = n_sweep * common.PAPER_E2E_STEPS * (med("tokens_per_step") or 0)
     projected = (waves * warm + paper_tokens / agg) / 60 if agg and warm else None
@@ -226,7 +226,7 @@ def main(argv=None) -> dict:
             last_job_s = statistics.median(j["ended_at"] - j["started_at"] for j in jobs) + 8
         elif last_job_s is None:
             last_job_s = 30.0 if not args.tiny else 0.0
-        rows.append(summarize(part, gpus, per_gpu, jobs, wall, rc, n_sweep))
+        rows.append(summarize(part, gpus, per_gpu, jobs, wall, rc, n_sweep, args.pack))
         job_rows += [{"part": part, **j} for j in jobs]
     for row in rows:  # step time against a job alone (the sequential part's)
         if row["ms_per_step"] and alone_ms:
@@ -256,8 +256,8 @@ def report(args, rows, job_rows, skipped, total_s, n_sweep, note) -> dict:
         "Warm-up: a job's time to its first step (data, model, compilation); compile: the "
         "part of it spent compiling and recording every batch shape (`fastpath.warm_up`). "
         "x alone: per-job ms/step against the sequential part's. 10-job wall of the "
-        "sequential part: its wall x 10 / its jobs. Projected: ceil(10 / slots) waves x the "
-        "median warm-up, plus the paper sweep's real tokens (10 x 26,290 steps x the mean "
+        "sequential part: its wall x 10 / its jobs. Projected: ceil(processes / slots) waves "
+        "(a process trains one job, or one pack of `--pack`) x the median warm-up, plus the paper sweep's real tokens (10 x 26,290 steps x the mean "
         "tokens per step) at the part's aggregate rate.",
         "",
         f"Whole benchmark: {total_s:.0f} s (budget {args.budget_s:.0f} s)."

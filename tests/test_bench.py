@@ -34,6 +34,15 @@ def test_step_profile_tiny(tmp_path):
         assert len(us) == top and us == sorted(us, reverse=True)
 
 
+def test_step_profile_tiny_pack(tmp_path):
+    out = tmp_path / "step_profile_pack.json"
+    step_profile.main(["--tiny", "--pack", "3", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["tables"][0]["rows"]
+    assert row["targets"] == "pack of 3" and row["kernel_ms"] > 0
+    us = [k["us"] for k in json.loads(out.read_text())["tables"][1]["rows"]]
+    assert len(us) == step_profile.TOP and us == sorted(us, reverse=True)
+
+
 def test_packed_step_tiny(tmp_path):
     out = tmp_path / "packed_step.json"
     packed_step.main(["--tiny", "--out", str(out)])
