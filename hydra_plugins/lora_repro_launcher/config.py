@@ -29,10 +29,11 @@ class ParallelLauncherConf:
     mps: Any = "auto"
     # Train up to this many jobs of the sweep as one (lora_repro.packed_trainer): jobs that
     # differ only in rank and targets share one process, one frozen base and one batch. On
-    # an H200, 10 jobs packed trained 1.8x the tokens/s of 10 processes under MPS
-    # (bench/RESULTS.md, "Packed step"). A pack takes one of the per_gpu slots. Results equal
-    # a job alone's up to float rounding and dropout draws, not bit for bit: so 1 (off) by
-    # default.
+    # an H200 the mission sweep's 10 jobs as one pack stepped in 36.2 ms, 1.8x the tokens/s
+    # of 10 processes under MPS: 19 min projected for the paper sweep against 28.5
+    # (bench/RESULTS.md, "Sweep ..., packs of 10"). A pack takes one of the per_gpu slots.
+    # Results equal a job alone's up to float rounding and dropout draws, not bit for bit:
+    # so 1 (off) by default.
     pack: int = 1
     # Jobs at once without GPUs. 1 runs them one after another in this process, as
     # Hydra's basic launcher does.
