@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from bench import analysis_grid, inference, packed_step, step_profile, train_step
+from bench import analysis_grid, common, inference, packed_step, step_profile, train_step
 
 pytest.importorskip("peft")  # the baselines need the `bench` extra
 
@@ -105,16 +105,23 @@ def test_sweep_aggregate_is_tokens_over_the_union_of_training_spans():
     assert sweep.aggregate(jobs) == (400 / 40, 40.0)
 
 
-def test_sweep_tiny_packed(tmp_path):
-    """The parallel part with its 2 jobs trained as one pack (hydra.launcher.pack=2)."""
+def test_sweep_projects_a_pack_as_one_process(tmp_path):
+    """A pack of 10 jobs is one process: one wave of warm-up, not ten. (The packed sweep
+    itself, end to end: tests/test_launcher.py.)"""
     from bench import sweep
 
-    out = tmp_path / "sweep_pack.json"
-    result = sweep.main(["--tiny", "--pack", "2", "--parts", "parallel", "--out", str(out),
-                         "--work-dir", str(tmp_path / "w")])
-    assert result["title"].endswith("packs of 2") and result["command"].endswith("--pack 2")
-    (part,), jobs = result["tables"][0]["rows"], result["tables"][1]["rows"]
-    assert part["jobs"] == 2 and part["most_at_once_per_gpu"] == 2  # one process, both jobs
-    assert all(j["tokens_per_s"] > 0 for j in jobs)
-    summaries = [json.loads(p.read_text()) for p in (tmp_path / "w").glob("*/r*/summary.json")]
-    assert len(summaries) == 2 and len({s["pid"] for s in summaries}) == 1
+    jobs = [{"job": f"j{i}", "gpu": "0", "warmup_s": 100.0, "compile_s": 90.0,
+             "peak_gib": 5.0, "tokens_per_s": 1e3, "ms_per_step": 50.0,
+             "steady_ms_per_step": 40.0, "train_tokens": 10_000, "tokens_per_step": 500.0,
+             "started_at": 0.0, "ended_at": 200.0} for i in range(10)]
+    steps = common.PAPER_E2E_STEPS
+    packed = sweep.summarize("parallel", "0", 1, jobs, 200.0, 0, n_sweep=10, pack=10)
+    alone = sweep.summarize("parallel", "0", 1, jobs, 200.0, 0, n_sweep=10)
+    # 100k tokens over the 100 s when any job trained; the paper sweep's 10 x steps x 500
+    assert packed["aggregate_tokens_per_s"] == 1e3
+    assert packed["projected_paper_min"] == pytest.approx((100 + 10 * steps * 500 / 1e3) / 60)
+    assert packed["steady_projected_paper_min"] == pytest.approx((100 + steps * 0.04) / 60)
+    assert alone["steady_projected_paper_min"] == pytest.approx(10 * (100 + steps * 0.04) / 60)
+    args = sweep.parse(["--tiny", "--pack", "10", "--out", str(tmp_path / "s.json")])
+    result = sweep.report(args, [packed], jobs, [], 1.0, 10, "note")
+    assert result["title"].endswith("packs of 10") and result["command"].endswith("--pack 10")

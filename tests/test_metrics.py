@@ -31,11 +31,40 @@ needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs Java
 
 @pytest.fixture(scope="module")
 def meteor():
-    """One METEOR JVM for the module (it takes seconds to load its paraphrase table)."""
+    """The process's METEOR (it takes seconds to load its paraphrase table)."""
     if shutil.which("java") is None:
         pytest.skip("needs Java")
-    with coco.Meteor() as scorer:
+    with coco.shared_meteor() as scorer:
         yield scorer
+
+
+def test_shared_meteor_starts_once_and_is_replaced_after_an_error(monkeypatch):
+    started = []
+
+    class FakeMeteor:  # no JVM: only the sharing is under test
+        def __enter__(self):
+            self._proc = self.proc = type("P", (), {"poll": lambda _: self.exit_code})()
+            self.exit_code = None
+            started.append(self)
+            return self
+
+        def __exit__(self, *exc):
+            self.exit_code = -9
+
+    monkeypatch.setattr(coco, "Meteor", FakeMeteor)
+    monkeypatch.setattr(coco, "_SHARED", {})
+    with coco.shared_meteor() as first:
+        pass
+    with coco.shared_meteor() as again:
+        assert again is first and len(started) == 1
+    with pytest.raises(KeyError), coco.shared_meteor():
+        raise KeyError("mid-answer")
+    assert first.exit_code == -9  # closed: it may have been mid-answer
+    with coco.shared_meteor() as fresh:
+        assert fresh is not first and len(started) == 2
+    fresh.__exit__()  # a process that died on its own is replaced too
+    with coco.shared_meteor() as third:
+        assert third is not fresh and len(started) == 3
 
 
 # ---- the reference point (first, so that METEOR's JVM loads while Python works) --------

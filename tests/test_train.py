@@ -192,6 +192,7 @@ def test_wandb_offline_writes_run_files(tmp_path):
 def test_offline_e2e_trains_on_shared_data(shared_dir, tmp_path):
     cfg = make_cfg("+experiment=offline_e2e", "model=tiny", "max_steps=6", "eval.test=false",
                    "logger.wandb.mode=disabled", "task.max_length=96",
+                   "task.max_valid_examples=16",  # validating ~470 costs 30 s on 2 cores
                    f"task.data_dir={shared_dir / 'data' / 'e2e'}")
     summary = train(cfg, tmp_path)
     assert summary["train_examples"] > 3500  # 90% of the dev set's 4,672 references

@@ -133,7 +133,7 @@ def _coco_scores(refs, hyps, metrics: Sequence[str], extra, meteor: coco.Meteor 
     """METEOR / ROUGE_L / CIDEr of raw text; ``extra()`` runs while METEOR's JVM loads."""
     with ExitStack() as stack:
         if "METEOR" in metrics and meteor is None:
-            meteor = stack.enter_context(coco.Meteor())
+            meteor = stack.enter_context(coco.shared_meteor())  # loads while extra() runs
         scores = extra()
         if any(m in coco.JAVA_METRICS for m in metrics):
             tok_refs, tok_hyps = coco.tokenize_corpus(refs, hyps)
@@ -152,8 +152,8 @@ def score_e2e(refs: Sequence[Sequence[str]], hyps: Sequence[str],
     """E2E challenge scores of ``hyps`` (one per MR) against ``refs`` (a list per MR).
 
     Mirrors ``measure_scores.py -p``. METEOR, ROUGE_L and CIDEr need Java; asking for them
-    without Java raises ``UserError`` before any work. Pass an open ``coco.Meteor`` to
-    reuse one METEOR process over several calls (it takes seconds to start). Returns
+    without Java raises ``UserError`` before any work. METEOR runs in this process's
+    shared METEOR process (`coco.shared_meteor`), or in the open ``coco.Meteor`` passed. Returns
     ``{metric: score}`` in the order asked.
     """
     metrics = check_metrics(metrics)

@@ -17,7 +17,9 @@ it, only BLEU and NIST can be computed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -145,6 +147,32 @@ class Meteor:
     def score(self, refs: Sequence[Sequence[str]], hyps: Sequence[str]) -> float:
         """Corpus METEOR of PTB-tokenized ``hyps`` against PTB-tokenized ``refs``."""
         return self.aggregate(self.segment_stats(refs, hyps))
+
+
+_SHARED: dict[int, Meteor] = {}  # this process's METEOR (by pid: a forked child starts its own)
+_SHARED_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def shared_meteor():
+    """This process's METEOR, started on first use and kept until the process exits, held
+    for the caller alone while the block runs.
+
+    Each start costs about 10 CPU seconds (the JVM loads METEOR's paraphrase table), so a
+    process that scores several times pays it once: the jobs of a sweep run one after
+    another in one process, `evaluate score` of several runs, the test suite. If the block
+    raises, the process is closed (it may be mid-answer) and the next use starts another."""
+    with _SHARED_LOCK:
+        meteor = _SHARED.get(os.getpid())
+        if meteor is None or meteor._proc.poll() is not None:
+            meteor = _SHARED[os.getpid()] = Meteor().__enter__()
+            atexit.register(meteor.__exit__)
+        try:
+            yield meteor
+        except BaseException:
+            meteor.__exit__()
+            _SHARED.pop(os.getpid(), None)
+            raise
 
 
 def _as_dicts(refs: Sequence[Sequence[str]], hyps: Sequence[str]):

@@ -197,7 +197,7 @@ def score_generation_eval(refs: Sequence[Sequence[str]], hyps: Sequence[str],
     scores = {}
     with ExitStack() as stack:
         if "METEOR" in metrics and meteor is None:
-            meteor = stack.enter_context(coco.Meteor())  # loads while the rest runs
+            meteor = stack.enter_context(coco.shared_meteor())  # loads while the rest runs
         segments = _Segments(meteor)
         for suffix, (idx, groups) in split_parts(refs, seen).items():
             groups = [official_references(g) for g in groups]
