@@ -143,7 +143,7 @@ def _valid(path: Path, key: str) -> bool:
 def synthetic_base(cfg: ModelConfig) -> Path:
     """The directory of the pretrained base for `cfg` (`init=synthetic`), built if needed.
 
-    Building costs about 20 s on one CPU core for the default 600 steps, once per key.
+    Building costs 20-37 s on one CPU core for the default 600 steps, once per key.
     """
     texts = pretraining_text(cfg.pretrain_steps)
     key = cache_key(cfg, texts)
