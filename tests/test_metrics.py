@@ -43,7 +43,7 @@ def test_shared_meteor_starts_once_and_is_replaced_after_an_error(monkeypatch):
 
     class FakeMeteor:  # no JVM: only the sharing is under test
         def __enter__(self):
-            self._proc = self.proc = type("P", (), {"poll": lambda _: self.exit_code})()
+            self._proc = type("P", (), {"poll": lambda _: self.exit_code})()
             self.exit_code = None
             started.append(self)
             return self
