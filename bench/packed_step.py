@@ -3,6 +3,7 @@
     python -m bench.packed_step            # GPU: GPT-2 Medium shape, E2E dev batches
     python -m bench.packed_step --tiny     # CPU smoke test of the script itself
     python -m bench.packed_step --packs 10 # one K (a process of its own)
+    python -m bench.packed_step --jobs qkvo8,qkvo8 --rows 16  # other jobs, 16 rows each
 
 The mission sweep's jobs (rank=1,2,4,8,64 x targets=qv,qkvo) differ only in their adapters.
 For K = 1, 2, 5 and 10 of them, one training step of all K at once through one frozen base
@@ -16,6 +17,7 @@ steps per job) run K jobs at a time: ceil(10 / K) x 26,290 steps.
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
 from functools import partial
@@ -40,13 +42,27 @@ def frozen_to_bf16(model: torch.nn.Module) -> None:
             m.to(torch.bfloat16)
 
 
-def measure(k: int, shape, tokenizer, batches, device, steps: int,
-            bf16_base: bool = False) -> dict:
-    """One row: K jobs packed, `steps` timed steps after a warm-up. `batches`: (batch of one
-    job, its real tokens). `bf16_base`: `frozen_to_bf16` first."""
+def parse_jobs(text: str) -> list[tuple[str, int]]:
+    """"qv1,qkvo64" -> [("qv", 1), ("qkvo", 64)]: a job's targets, then its rank."""
+    out = []
+    for token in text.split(","):
+        targets = token.rstrip("0123456789")
+        if not targets or targets == token:
+            raise argparse.ArgumentTypeError(
+                f"{token!r} is not <targets><rank>, e.g. qv8 or qkvo64")
+        out.append((targets, int(token[len(targets):])))
+    return out
+
+
+def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, steps: int,
+            bf16_base: bool = False, causal: bool = True) -> dict:
+    """One row: the jobs `specs` ((targets, rank) each) packed, `steps` timed steps after a
+    warm-up. `batches`: (batch of one job, its real tokens). `bf16_base`: `frozen_to_bf16`
+    first. `causal`: the fast path's attention without a mask (`fastpath.causal_attention`)."""
     common.reset_memory(device)
     on_gpu = device.type == "cuda"
-    jobs = [PackedJob(t, r, ALPHA, base_seed=i) for i, (t, r) in enumerate(JOBS[:k])]
+    k = len(specs)
+    jobs = [PackedJob(t, r, ALPHA, base_seed=i) for i, (t, r) in enumerate(specs)]
     model = apply_packed_lora(common.base_model(shape, tokenizer, device), jobs, DROPOUT)
     model.train()
     if bf16_base and on_gpu:
@@ -61,7 +77,8 @@ def measure(k: int, shape, tokenizer, batches, device, steps: int,
     loss_fn = partial(pack_loss, jobs=k)  # (K,): each job's loss, as the packed trainer's
     if on_gpu:
         torch._dynamo.reset()
-        loss_fn = fastpath.compile_loss(partial(loss_fn, vocab_multiple=fastpath.VOCAB_MULTIPLE))
+        loss_fn = fastpath.compile_loss(partial(loss_fn, vocab_multiple=fastpath.VOCAB_MULTIPLE),
+                                        causal=causal)
         shapes = sorted({tuple(b["input_ids"].shape) for b, _ in packed})
         fastpath.warm_up(loss_fn, model, shapes, autocast, SMOOTH)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4,
@@ -85,8 +102,9 @@ def measure(k: int, shape, tokenizer, batches, device, steps: int,
     common.sync(device)
     ms = 1e3 * (time.perf_counter() - t1) / steps
     tokens = sum(packed[i % len(packed)][1] for i in range(steps)) / steps
-    return {"jobs": k, "bf16_base": bf16_base and on_gpu,
-            "targets_ranks": " ".join(f"{t}{r}" for t, r in JOBS[:k]),
+    return {"jobs": k, "rows": packed[0][0]["input_ids"].shape[0] // k,
+            "bf16_base": bf16_base and on_gpu, "causal": causal and on_gpu,
+            "targets_ranks": " ".join(f"{t}{r}" for t, r in specs),
             "ms_per_step": ms, "ms_per_job_step": ms / k, "tokens_per_s": tokens / (ms / 1e3),
             "peak_gib": common.peak_gib(device), "warmup_s": warmup_s,
             "paper_sweep_min": math.ceil(SWEEP / k) * common.PAPER_E2E_STEPS * ms / 6e4}
@@ -95,28 +113,36 @@ def measure(k: int, shape, tokenizer, batches, device, steps: int,
 def main(argv=None) -> dict:
     parser = common.arguments(__doc__.splitlines()[0])
     parser.add_argument("--packs", default="1,2,5,10", help="the K values, in this order")
+    parser.add_argument("--jobs", default=None, type=parse_jobs,
+                        help="one pack of these jobs instead, e.g. qv1,qkvo64 (targets, rank)")
+    parser.add_argument("--rows", type=int, default=BATCH, help="batch rows per job")
     parser.add_argument("--bf16-base", action="store_true",
                         help="frozen Conv1D weights stored in bf16 (exact under autocast)")
+    parser.add_argument("--masked-attention", action="store_true",
+                        help="attention as transformers gives it while compiling (a mask "
+                             "tensor), not the fast path's maskless causal attention")
     args = parser.parse_args(argv)
     tokenizer, shape, encoded, _, device = common.setup(args)
     steps = 2 if args.tiny else 100
     packs = (1, 2) if args.tiny else [int(k) for k in args.packs.split(",")]
-    batches = common.static_batches(encoded, tokenizer.pad_token_id, BATCH, 40, device)
-    rows = [measure(k, shape, tokenizer, batches, device, steps, args.bf16_base)
-            for k in packs]
+    specs = [args.jobs] if args.jobs else [JOBS[:k] for k in packs]
+    batches = common.static_batches(encoded, tokenizer.pad_token_id, args.rows, 40, device)
+    rows = [measure(s, shape, tokenizer, batches, device, steps, args.bf16_base,
+                    not args.masked_attention) for s in specs]
     one = next((r for r in rows if r["jobs"] == 1), None)
     for row in rows:
         row["vs_one"] = row["tokens_per_s"] / one["tokens_per_s"] if one else None
     notes = [
-        f"LoRA alpha {ALPHA:g}, dropout {DROPOUT}, label smoothing {SMOOTH}, batch {BATCH} per "
-        f"job, {len(batches)} length-grouped E2E batches (the fast path's buckets), {steps} "
+        f"LoRA alpha {ALPHA:g}, dropout {DROPOUT}, label smoothing {SMOOTH}, batch {args.rows} "
+        f"per job, {len(batches)} length-grouped E2E batches (the fast path's buckets), {steps} "
         "timed steps after a warm-up. Jobs: the first K of the mission sweep (targets and "
         "rank per job). Tokens/s: real (non-pad) tokens of all K jobs per second. x one: "
         "tokens/s against K = 1. Paper sweep: training time of the 10 jobs at 26,290 steps "
         "each, K at a time, compilation not included.",
     ]
     columns = [("jobs", "K jobs packed", "d"), ("targets_ranks", "jobs (targets, rank)", "s"),
-               ("bf16_base", "bf16 base", ""),
+               ("rows", "rows per job", "d"), ("bf16_base", "bf16 base", ""),
+               ("causal", "maskless attention", ""),
                ("ms_per_step", "ms/step", ".2f"), ("ms_per_job_step", "ms per job-step", ".2f"),
                ("tokens_per_s", "real tokens/s", ",.0f"), ("vs_one", "x one", ".2f"),
                ("peak_gib", "peak GiB", ".1f"), ("warmup_s", "warm-up s", ".0f"),
@@ -126,7 +152,10 @@ def main(argv=None) -> dict:
                  "per job)",
         "command": "python -m bench.packed_step" + (" --tiny" if args.tiny else "")
         + (f" --packs {args.packs}" if args.packs != "1,2,5,10" else "")
-        + (" --bf16-base" if args.bf16_base else ""),
+        + (f" --jobs {','.join(f'{t}{r}' for t, r in args.jobs)}" if args.jobs else "")
+        + (f" --rows {args.rows}" if args.rows != BATCH else "")
+        + (" --bf16-base" if args.bf16_base else "")
+        + (" --masked-attention" if args.masked_attention else ""),
         "environment": common.environment(device), "notes": notes,
         "tables": [{"columns": columns, "rows": rows}],
     }

@@ -4,6 +4,7 @@
     python -m bench.step_profile --tiny     # CPU smoke test of the script itself
     python -m bench.step_profile --targets qkvo   # one target set (a process of its own)
     python -m bench.step_profile --pack 10        # the mission sweep's 10 jobs packed
+    python -m bench.step_profile --pack 1 --rows 80   # about the base alone, on 80 rows
 
 For targets qv and qkvo (r=4): the step as the trainer runs it (compiled loss, CUDA graphs,
 bf16 autocast, fused AdamW), timed with the device synchronized; then the same compiled step
@@ -52,13 +53,44 @@ def step_fn(model, loss_fn, device, graphs: bool):
 
 
 def kernel_table(prof, steps: int, on_gpu: bool) -> list[dict]:
-    """Per kernel (GPU) or operator (CPU) name: calls and microseconds per step, self time."""
-    rows = []
-    for e in prof.key_averages():
-        us = e.self_device_time_total if on_gpu else e.self_cpu_time_total
-        if (e.device_type.name == "CUDA") == on_gpu and us > 0:
-            rows.append({"kernel": e.key, "calls": e.count / steps, "us": us / steps})
+    """Per kernel (GPU) or operator (CPU) name: calls and microseconds per step, self time.
+    User annotations (`Optimizer.step#AdamW.step`, also listed on the GPU's timeline) are
+    not kernels: counting them would count their kernels twice."""
+    calls: dict[str, int] = {}
+    us: dict[str, float] = {}
+    for e in prof.events():
+        t = e.self_device_time_total if on_gpu else e.self_cpu_time_total
+        if ((e.device_type.name == "CUDA") == on_gpu and t > 0
+                and not getattr(e, "is_user_annotation", False)):
+            calls[e.name] = calls.get(e.name, 0) + 1
+            us[e.name] = us.get(e.name, 0.0) + t
+    rows = [{"kernel": name, "calls": calls[name] / steps, "us": us[name] / steps}
+            for name in us]
     return sorted(rows, key=lambda r: -r["us"])
+
+
+# (category, name fragments): a kernel's category is the first whose fragment its name has
+CATEGORIES = (
+    ("attention", ("fmha", "flash", "attention")),
+    ("optimizer", ("multi_tensor_apply", "adam")),
+    ("GEMM", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "splitk")),
+    ("fused (Triton)", ("triton_",)),
+)
+
+
+def categories(kernels: list[dict], label: str) -> list[dict]:
+    """`kernel_table`'s rows summed per kind of kernel (`CATEGORIES`, else "other")."""
+    total = sum(k["us"] for k in kernels)
+    out: dict[str, dict] = {}
+    for k in kernels:
+        name = k["kernel"].lower()
+        kind = next((c for c, parts in CATEGORIES if any(p in name for p in parts)), "other")
+        row = out.setdefault(kind, {"targets": label, "category": kind, "calls": 0.0,
+                                    "us": 0.0})
+        row["calls"] += k["calls"]
+        row["us"] += k["us"]
+    return [{**row, "share": row["us"] / total}
+            for row in sorted(out.values(), key=lambda r: -r["us"])]
 
 
 def single(targets: str, shape, tokenizer, device):
@@ -78,8 +110,9 @@ def packed(k: int, shape, tokenizer, device):
             lambda batch: {name: x.repeat(k, 1) for name, x in batch.items()})
 
 
-def measure(case, batches, device, steps: int) -> tuple[dict, list]:
-    """(the step's row, its top kernels) for one case (`single` or `packed`)."""
+def measure(case, batches, device, steps: int) -> tuple[dict, list, list]:
+    """(the step's row, its top kernels, its kernel categories) for one case (`single` or
+    `packed`)."""
     on_gpu = device.type == "cuda"
     targets, model, base_loss, expand = case
     model.train()
@@ -119,7 +152,8 @@ def measure(case, batches, device, steps: int) -> tuple[dict, list]:
     total = sum(k["us"] for k in kernels)
     row.update(kernel_ms=total / 1e3, kernels=sum(k["calls"] for k in kernels),
                busy=total / 1e3 / row["wall_ms"])
-    return row, [{"targets": targets, **k, "share": k["us"] / total} for k in kernels[:TOP]]
+    top = [{"targets": targets, **k, "share": k["us"] / total} for k in kernels[:TOP]]
+    return row, top, categories(kernels, targets)
 
 
 def main(argv=None) -> dict:
@@ -127,28 +161,32 @@ def main(argv=None) -> dict:
     parser.add_argument("--targets", default="qv,qkvo", help="target sets, in this order")
     parser.add_argument("--pack", type=int, default=0,
                         help="profile the first K mission-sweep jobs packed instead")
+    parser.add_argument("--rows", type=int, default=BATCH, help="batch rows (per job)")
     args = parser.parse_args(argv)
     tokenizer, shape, encoded, _, device = common.setup(args)
     steps = 3 if args.tiny else 20
-    batches = [b for b, _ in common.static_batches(encoded, tokenizer.pad_token_id, BATCH,
+    batches = [b for b, _ in common.static_batches(encoded, tokenizer.pad_token_id, args.rows,
                                                  2 * steps, device)]
-    rows, tops = [], []
+    rows, tops, kinds = [], [], []
     cases = ([partial(packed, args.pack)] if args.pack else
              [partial(single, targets) for targets in args.targets.split(",")])
     for case in cases:
-        row, top = measure(case(shape, tokenizer, device), batches, device, steps)
+        row, top, kind = measure(case(shape, tokenizer, device), batches, device, steps)
         rows.append(row)
         tops += top
+        kinds += kind
     unit = "kernels" if device.type == "cuda" else "operators (CPU, eager)"
     what = (f"The first {args.pack} mission-sweep jobs packed (lora_repro.lora.packed), batch "
-            f"{BATCH} per job" if args.pack else f"LoRA r={RANK}, batch {BATCH}")
+            f"{args.rows} per job" if args.pack else f"LoRA r={RANK}, batch {args.rows}")
     notes = [
         f"{what}, {len(batches)} length-grouped E2E batches (padded to "
         f"the fast path's buckets), timed after a warm-up; {steps} of them profiled. Wall: "
         "the step as training runs it (CUDA graphs), device synchronized. Kernel time: the "
         f"self time of the step's {unit} per step, from torch.profiler over the same compiled "
         "step without CUDA graphs. Busy: kernel time / wall time. The second table: the top "
-        f"{TOP} {unit} of each step by time, with their share of its kernel time.",
+        f"{TOP} {unit} of each step by time, with their share of its kernel time. The third: "
+        "all of them by kind, from their names (attention, optimizer, GEMM (cuBLAS, CUTLASS), "
+        "fused (inductor's Triton kernels: elementwise, norms, reductions), other).",
     ]
     columns = [("targets", "targets", "s"), ("shapes", "batch shapes", "d"),
                ("wall_ms", "wall ms/step", ".2f"),
@@ -158,17 +196,22 @@ def main(argv=None) -> dict:
     top_columns = [("targets", "targets", "s"), ("kernel", "kernel", "s"),
                    ("calls", "calls/step", ".1f"), ("us", "us/step", ",.1f"),
                    ("share", "share", ".1%")]
+    kind_columns = [("targets", "targets", "s"), ("category", "kind", "s"),
+                    ("calls", "calls/step", ".1f"), ("us", "us/step", ",.1f"),
+                    ("share", "share", ".1%")]
     for t in tops:  # a table cell: no pipes, and long template names cut
         t["kernel"] = t["kernel"].replace("|", "/")[:90]
     result = {
-        "title": (f"Step profile, {args.pack} jobs packed (GPT-2 Medium shape, E2E, batch 8 "
-                  "per job)" if args.pack else
-                  "Step profile (GPT-2 Medium shape, E2E, batch 8, LoRA r=4)"),
+        "title": (f"Step profile, {args.pack} jobs packed (GPT-2 Medium shape, E2E, batch "
+                  f"{args.rows} per job)" if args.pack else
+                  f"Step profile (GPT-2 Medium shape, E2E, batch {args.rows}, LoRA r=4)"),
         "command": "python -m bench.step_profile" + (" --tiny" if args.tiny else "")
         + (f" --targets {args.targets}" if args.targets != "qv,qkvo" else "")
-        + (f" --pack {args.pack}" if args.pack else ""),
+        + (f" --pack {args.pack}" if args.pack else "")
+        + (f" --rows {args.rows}" if args.rows != BATCH else ""),
         "environment": common.environment(device), "notes": notes,
-        "tables": [{"columns": columns, "rows": rows}, {"columns": top_columns, "rows": tops}],
+        "tables": [{"columns": columns, "rows": rows}, {"columns": top_columns, "rows": tops},
+                   {"columns": kind_columns, "rows": kinds}],
     }
     common.save("step_profile_pack" if args.pack else "step_profile", args, result)
     return result

@@ -41,6 +41,17 @@ def test_step_profile_tiny_pack(tmp_path):
     assert row["targets"] == "pack of 3" and row["kernel_ms"] > 0
     us = [k["us"] for k in json.loads(out.read_text())["tables"][1]["rows"]]
     assert len(us) == step_profile.TOP and us == sorted(us, reverse=True)
+    kinds = json.loads(out.read_text())["tables"][2]["rows"]  # CPU operators: mostly "other"
+    assert sum(k["us"] for k in kinds) / 1e3 == pytest.approx(row["kernel_ms"])
+    assert sum(k["share"] for k in kinds) == pytest.approx(1.0)
+
+
+def test_kernel_categories_from_names():
+    kernels = [{"kernel": name, "calls": 1.0, "us": us} for name, us in [
+        ("fmha_cutlassB_bf16_aligned_64x64_k64_sm80", 3.0), ("nvjet_sm90_tst_320x128", 4.0),
+        ("multi_tensor_apply_kernel<AdamW>", 1.0), ("triton_poi_fused_add_7", 2.0)]]
+    kinds = {k["category"]: k["us"] for k in step_profile.categories(kernels, "x")}
+    assert kinds == {"GEMM": 4.0, "attention": 3.0, "fused (Triton)": 2.0, "optimizer": 1.0}
 
 
 def test_packed_step_tiny(tmp_path):

@@ -102,7 +102,10 @@ class PackedLoRAConv1D(nn.Module):
         # forward and backward; compiled, that one kernel took 15% of a 10-job step.)
         delta = torch.cat([h[..., s * r:(s + 1) * r] @ self.lora_B[:, s].transpose(1, 2)
                            for s in range(n)], dim=-1)  # (K, rows, n*d_out)
-        return y + (delta * self.scaling[:, None, None]).reshape(y.shape)
+        # scaled in delta's dtype, as a job alone scales it (bf16 under autocast): an fp32
+        # scaling would promote the update, and with it the layer's output, to fp32
+        scaling = self.scaling.to(delta.dtype)[:, None, None]
+        return y + (delta * scaling).reshape(y.shape)
 
     def factors(self, k: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Job k's live (A (r_k, d_in), B (d_out, r_k)) per target letter, detached views."""
