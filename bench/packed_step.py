@@ -55,10 +55,10 @@ def parse_jobs(text: str) -> list[tuple[str, int]]:
 
 
 def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, steps: int,
-            bf16_base: bool = False, causal: bool = True) -> dict:
+            bf16_base: bool = False) -> dict:
     """One row: the jobs `specs` ((targets, rank) each) packed, `steps` timed steps after a
     warm-up. `batches`: (batch of one job, its real tokens). `bf16_base`: `frozen_to_bf16`
-    first. `causal`: the fast path's attention without a mask (`fastpath.causal_attention`)."""
+    first."""
     common.reset_memory(device)
     on_gpu = device.type == "cuda"
     k = len(specs)
@@ -77,8 +77,7 @@ def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, ste
     loss_fn = partial(pack_loss, jobs=k)  # (K,): each job's loss, as the packed trainer's
     if on_gpu:
         torch._dynamo.reset()
-        loss_fn = fastpath.compile_loss(partial(loss_fn, vocab_multiple=fastpath.VOCAB_MULTIPLE),
-                                        causal=causal)
+        loss_fn = fastpath.compile_loss(partial(loss_fn, vocab_multiple=fastpath.VOCAB_MULTIPLE))
         shapes = sorted({tuple(b["input_ids"].shape) for b, _ in packed})
         fastpath.warm_up(loss_fn, model, shapes, autocast, SMOOTH)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4,
@@ -103,7 +102,7 @@ def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, ste
     ms = 1e3 * (time.perf_counter() - t1) / steps
     tokens = sum(packed[i % len(packed)][1] for i in range(steps)) / steps
     return {"jobs": k, "rows": packed[0][0]["input_ids"].shape[0] // k,
-            "bf16_base": bf16_base and on_gpu, "causal": causal and on_gpu,
+            "bf16_base": bf16_base and on_gpu,
             "targets_ranks": " ".join(f"{t}{r}" for t, r in specs),
             "ms_per_step": ms, "ms_per_job_step": ms / k, "tokens_per_s": tokens / (ms / 1e3),
             "peak_gib": common.peak_gib(device), "warmup_s": warmup_s,
@@ -118,31 +117,27 @@ def main(argv=None) -> dict:
     parser.add_argument("--rows", type=int, default=BATCH, help="batch rows per job")
     parser.add_argument("--bf16-base", action="store_true",
                         help="frozen Conv1D weights stored in bf16 (exact under autocast)")
-    parser.add_argument("--masked-attention", action="store_true",
-                        help="attention as transformers gives it while compiling (a mask "
-                             "tensor), not the fast path's maskless causal attention")
     args = parser.parse_args(argv)
     tokenizer, shape, encoded, _, device = common.setup(args)
     steps = 2 if args.tiny else 100
     packs = (1, 2) if args.tiny else [int(k) for k in args.packs.split(",")]
     specs = [args.jobs] if args.jobs else [JOBS[:k] for k in packs]
     batches = common.static_batches(encoded, tokenizer.pad_token_id, args.rows, 40, device)
-    rows = [measure(s, shape, tokenizer, batches, device, steps, args.bf16_base,
-                    not args.masked_attention) for s in specs]
+    rows = [measure(s, shape, tokenizer, batches, device, steps, args.bf16_base)
+            for s in specs]
     one = next((r for r in rows if r["jobs"] == 1), None)
     for row in rows:
         row["vs_one"] = row["tokens_per_s"] / one["tokens_per_s"] if one else None
     notes = [
         f"LoRA alpha {ALPHA:g}, dropout {DROPOUT}, label smoothing {SMOOTH}, batch {args.rows} "
         f"per job, {len(batches)} length-grouped E2E batches (the fast path's buckets), {steps} "
-        "timed steps after a warm-up. Jobs: the first K of the mission sweep (targets and "
-        "rank per job). Tokens/s: real (non-pad) tokens of all K jobs per second. x one: "
-        "tokens/s against K = 1. Paper sweep: training time of the 10 jobs at 26,290 steps "
-        "each, K at a time, compilation not included.",
+        "timed steps after a warm-up. Jobs: the first K of the mission sweep, or --jobs "
+        "(targets and rank per job). Tokens/s: real (non-pad) tokens of all K jobs per "
+        "second. x one: tokens/s against K = 1. Paper sweep: training time of the 10 jobs "
+        "at 26,290 steps each, K at a time, compilation not included.",
     ]
     columns = [("jobs", "K jobs packed", "d"), ("targets_ranks", "jobs (targets, rank)", "s"),
                ("rows", "rows per job", "d"), ("bf16_base", "bf16 base", ""),
-               ("causal", "maskless attention", ""),
                ("ms_per_step", "ms/step", ".2f"), ("ms_per_job_step", "ms per job-step", ".2f"),
                ("tokens_per_s", "real tokens/s", ",.0f"), ("vs_one", "x one", ".2f"),
                ("peak_gib", "peak GiB", ".1f"), ("warmup_s", "warm-up s", ".0f"),
@@ -154,8 +149,7 @@ def main(argv=None) -> dict:
         + (f" --packs {args.packs}" if args.packs != "1,2,5,10" else "")
         + (f" --jobs {','.join(f'{t}{r}' for t, r in args.jobs)}" if args.jobs else "")
         + (f" --rows {args.rows}" if args.rows != BATCH else "")
-        + (" --bf16-base" if args.bf16_base else "")
-        + (" --masked-attention" if args.masked_attention else ""),
+        + (" --bf16-base" if args.bf16_base else ""),
         "environment": common.environment(device), "notes": notes,
         "tables": [{"columns": columns, "rows": rows}],
     }

@@ -202,8 +202,8 @@ def main(argv=None) -> dict:
     for t in tops:  # a table cell: no pipes, and long template names cut
         t["kernel"] = t["kernel"].replace("|", "/")[:90]
     result = {
-        "title": (f"Step profile, {args.pack} jobs packed (GPT-2 Medium shape, E2E, batch "
-                  f"{args.rows} per job)" if args.pack else
+        "title": (f"Step profile, {args.pack} job{'s' * (args.pack > 1)} packed (GPT-2 Medium "
+                  f"shape, E2E, batch {args.rows} per job)" if args.pack else
                   f"Step profile (GPT-2 Medium shape, E2E, batch {args.rows}, LoRA r=4)"),
         "command": "python -m bench.step_profile" + (" --tiny" if args.tiny else "")
         + (f" --targets {args.targets}" if args.targets != "qv,qkvo" else "")

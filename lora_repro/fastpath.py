@@ -30,22 +30,19 @@ launches and Python, not by the GPU. The tricks, each one line of code:
 6. Compilation is paid once per shape, not once per job: inductor's FX graph cache and
    AOTAutograd's cache live in a persistent directory (`COMPILE_CACHE`, or the
    `TORCHINDUCTOR_CACHE_DIR` you set), shared by a sweep's jobs and by later sweeps.
-7. Causal attention without a mask tensor (`causal_attention`): the loss never passes an
-   attention mask (right padding), but under torch.compile transformers still builds one
-   (it skips the mask only outside tracing before torch 2.14), and a mask rules SDPA's flash
-   kernel out. The compiled loss runs with an attention implementation that takes no mask,
-   so SDPA gets `is_causal=True`: the same attention, on the flash kernel.
+7. Attention stays as transformers gives it. Compiled on the H200 (torch 2.11, transformers
+   5.17), it passes SDPA a mask tensor, so SDPA runs its memory-efficient kernel, not flash.
+   An attention without the mask (`is_causal=True`, the same math for right-padded rows)
+   was tried there and was slower: flash's backward took 2.2 ms of a 10-job packed step where the
+   memory-efficient kernel's takes 1.4 (34.5 against 33.4 ms per step; bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
 import torch
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from lora_repro.data import bucket_length, collate
 from lora_repro.data.encoding import IGNORE_INDEX
@@ -53,10 +50,6 @@ from lora_repro.data.encoding import IGNORE_INDEX
 COMPILE_CACHE = Path("~/.cache/lora_repro/inductor").expanduser()
 BUCKETS = (*range(16, 257, 16), 384, 512, 768, 1024)
 VOCAB_MULTIPLE = 64  # the LM head's rows, padded (50,257 -> 50,304)
-# transformers' own SDPA attention under a name that has no mask function registered: with
-# it, `create_causal_mask` returns None and SDPA runs with is_causal=True
-CAUSAL_SDPA = "lora_repro_causal_sdpa"
-AttentionInterface.register(CAUSAL_SDPA, sdpa_attention_forward)
 
 
 def length_buckets(max_length: int) -> list[int]:
@@ -87,40 +80,17 @@ def persistent_compile_cache() -> Path:
     return Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
 
 
-def compile_loss(loss_fn, backend: str = "inductor", cuda_graphs: bool = True,
-                 causal: bool = True):
+def compile_loss(loss_fn, backend: str = "inductor", cuda_graphs: bool = True):
     """`loss_fn` compiled for training, with CUDA graphs on inductor (one per length, recorded
-    on first use) and `causal_attention`: call `step_begin()` every step. Tests pass another
-    `backend`; bench.step_profile turns the graphs off to profile the same kernels one by
-    one, bench.packed_step `causal` off to measure attention with transformers' mask."""
+    on first use): call `step_begin()` every step. Tests pass another `backend`;
+    bench.step_profile turns the graphs off to profile the same kernels one by one."""
     persistent_compile_cache()
     torch.backends.cuda.enable_cudnn_sdp(False)
     torch._inductor.config.shape_padding = False  # its length guards recompile (see above)
     # One recorded graph per bucket is the design, not a shape leak: don't warn about it.
     torch._inductor.config.triton.cudagraph_dynamic_shape_warn_limit = None
     mode = "reduce-overhead" if backend == "inductor" and cuda_graphs else None
-    compiled = torch.compile(loss_fn, mode=mode, backend=backend)
-    return causal_attention(compiled) if causal else compiled
-
-
-def causal_attention(loss_fn):
-    """`loss_fn(model, input_ids, labels, ...)` run with a model on SDPA switched, for the
-    call, to `CAUSAL_SDPA`: no mask tensor, so SDPA may take its flash kernel. Only for
-    losses that pass no attention mask (right-padded rows, as `trainer.lm_loss`): a padding
-    mask would be dropped. Generation, which needs its masks, sees the model unchanged."""
-
-    @functools.wraps(loss_fn)
-    def run(model, *args, **kwargs):
-        config = model.config
-        if config._attn_implementation != "sdpa":  # eager attention: left as it is
-            return loss_fn(model, *args, **kwargs)
-        config._attn_implementation = CAUSAL_SDPA
-        try:
-            return loss_fn(model, *args, **kwargs)
-        finally:
-            config._attn_implementation = "sdpa"
-
-    return run
+    return torch.compile(loss_fn, mode=mode, backend=backend)
 
 
 def batch_shapes(lengths: list[int], batch_size: int, buckets: list[int]) -> list[tuple[int, int]]:

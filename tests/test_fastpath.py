@@ -94,32 +94,6 @@ def test_padded_vocabulary_gives_the_same_loss_and_gradients(full):
         torch.testing.assert_close(g64[name], g1[name], rtol=1e-5, atol=1e-6)
 
 
-def test_compiled_loss_gives_sdpa_no_mask_and_restores_the_model(monkeypatch):
-    model = tiny_lora_model().eval()
-    model.config._attn_implementation = "sdpa"
-    batch = fastpath.static_batch(features([5, 9, 13]), PAD, batch_size=4, buckets=[16])
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    calls = []
-
-    def spy(*args, **kwargs):  # traced by dynamo: runs while compiling
-        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
-    with torch.no_grad():
-        out = compile_cpu(lm_loss)(model, batch["input_ids"], batch["labels"])
-        assert calls and all(mask is None and causal for mask, causal in calls)
-        assert model.config._attn_implementation == "sdpa"  # restored after the call
-        assert torch.allclose(out, lm_loss(model, batch["input_ids"], batch["labels"]))
-
-    def fails(model, *args):
-        raise RuntimeError("inside the loss")
-
-    with pytest.raises(RuntimeError, match="inside the loss"):
-        fastpath.causal_attention(fails)(model)
-    assert model.config._attn_implementation == "sdpa"
-
-
 def test_one_graph_serves_every_bucket_and_nothing_compiles_after_warm_up():
     model = tiny_lora_model()
     buckets = fastpath.length_buckets(128)
