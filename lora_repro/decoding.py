@@ -178,8 +178,7 @@ def score(task_metrics: str, references: list[list[str]], predictions: list[str]
         print(f"warning: not scored ({e}); run `python -m lora_repro.evaluate score run=DIR` "
               "where the metrics packages are installed", file=sys.stderr)
         return {}
-    wanted = {"e2e": metrics.E2E_METRICS, "generation_eval": metrics.GENERATION_EVAL_METRICS
-              }.get(task_metrics, ("BLEU", "METEOR"))
+    wanted = _metric_names(metrics, task_metrics)
     if shutil.which("java") is None:
         skipped = [m for m in wanted if m in JAVA_METRICS]
         wanted = [m for m in wanted if m not in JAVA_METRICS]
@@ -190,6 +189,27 @@ def score(task_metrics: str, references: list[list[str]], predictions: list[str]
     if task_metrics == "generation_eval":
         return metrics.score_generation_eval(references, predictions, seen, wanted)
     return metrics.score_bleu_meteor(references, predictions, wanted)
+
+
+def _metric_names(metrics, task_metrics: str) -> tuple[str, ...]:
+    """The metrics `score` computes for `task.metrics` (`metrics`: the imported package)."""
+    return {"e2e": metrics.E2E_METRICS, "generation_eval": metrics.GENERATION_EVAL_METRICS
+            }.get(task_metrics, ("BLEU", "METEOR"))
+
+
+def start_scoring(task_metrics: str) -> None:
+    """Start this process's METEOR now (`coco.shared_meteor`) if `score` will use it: its JVM
+    spends about 10 CPU seconds loading METEOR's paraphrase table, which then overlap what
+    runs before the scoring (the base's pretraining, training) instead of following it.
+    Without Java or the metrics packages, nothing: `score` says what it skips."""
+    try:
+        from lora_repro import metrics
+        from lora_repro.metrics import coco
+    except ImportError:
+        return
+    if "METEOR" in _metric_names(metrics, task_metrics) and shutil.which("java"):
+        with coco.shared_meteor():
+            pass
 
 
 def decode_test(

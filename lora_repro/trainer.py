@@ -229,11 +229,15 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torc
 
 
 def run_setup(cfg: TrainConfig):
-    """(device, its autocast, `load_data`'s (tokenizer, train, valid, test)) of a run."""
+    """(device, its autocast, `load_data`'s (tokenizer, train, valid, test)) of a run. A run
+    that will score its test outputs starts the scorer's METEOR here, to load meanwhile."""
     device = resolve_device(cfg.device)
     autocast = autocast_for(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    if cfg.eval.test:
+        from lora_repro.decoding import start_scoring
+        start_scoring(cfg.task.metrics)
     return device, autocast, load_data(cfg)
 
 

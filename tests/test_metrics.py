@@ -67,6 +67,31 @@ def test_shared_meteor_starts_once_and_is_replaced_after_an_error(monkeypatch):
         assert third is not fresh and len(started) == 3
 
 
+def test_a_run_that_will_score_starts_meteor_up_front_when_java_is_there(monkeypatch):
+    from lora_repro import decoding
+
+    started = []
+
+    class FakeMeteor:  # no JVM: only when it starts is under test
+        def __enter__(self):
+            self._proc = type("P", (), {"poll": lambda _: None})()
+            started.append(self)
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    monkeypatch.setattr(coco, "Meteor", FakeMeteor)
+    monkeypatch.setattr(coco, "_SHARED", {})
+    monkeypatch.setattr(decoding.shutil, "which", lambda name: None)
+    decoding.start_scoring("e2e")
+    assert started == []  # without Java the scoring skips METEOR: nothing to start
+    monkeypatch.setattr(decoding.shutil, "which", lambda name: f"/usr/bin/{name}")
+    decoding.start_scoring("e2e")
+    with coco.shared_meteor() as meteor:  # the scoring, later, finds it running
+        assert started == [meteor]
+
+
 # ---- the reference point (first, so that METEOR's JVM loads while Python works) --------
 
 # measure_scores.py -p on the E2E test set with TGen's output (tgen-std.run0).
