@@ -229,16 +229,18 @@ def _optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torc
 
 
 def run_setup(cfg: TrainConfig):
-    """(device, its autocast, `load_data`'s (tokenizer, train, valid, test)) of a run. A run
-    that will score its test outputs starts the scorer's METEOR here, to load meanwhile."""
+    """(device, its autocast, `load_data`'s (tokenizer, train, valid, test)) of a run. Once
+    its data loaded, a run that will score its test outputs starts the scorer's METEOR, to
+    load while the run trains."""
     device = resolve_device(cfg.device)
     autocast = autocast_for(cfg.precision, device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    data = load_data(cfg)
     if cfg.eval.test:
         from lora_repro.decoding import start_scoring
         start_scoring(cfg.task.metrics)
-    return device, autocast, load_data(cfg)
+    return device, autocast, data
 
 
 def write_run_config(cfg: TrainConfig, run_dir: Path, tokenizer) -> None:
