@@ -200,7 +200,7 @@ def _metric_names(metrics, task_metrics: str) -> tuple[str, ...]:
 def start_scoring(task_metrics: str) -> None:
     """Start this process's METEOR now (`coco.shared_meteor`) if `score` will use it: its JVM
     spends about 10 CPU seconds loading METEOR's paraphrase table, which then overlap what
-    runs before the scoring (the base's pretraining, training) instead of following it.
+    runs before the scoring (loading the model, training) instead of following it.
     Without Java or the metrics packages, nothing: `score` says what it skips."""
     try:
         from lora_repro import metrics

@@ -33,8 +33,8 @@ launches and Python, not by the GPU. The tricks, each one line of code:
 7. Attention stays as transformers gives it. Compiled on the H200 (torch 2.11, transformers
    5.17), it passes SDPA a mask tensor, so SDPA runs its memory-efficient kernel, not flash.
    An attention without the mask (`is_causal=True`, the same math for right-padded rows)
-   was tried there and was slower: flash's backward took 2.2 ms of a 10-job packed step where the
-   memory-efficient kernel's takes 1.4 (34.5 against 33.4 ms per step; bench/RESULTS.md).
+   was tried there and was slower: flash's backward took 2.2 ms of a 10-job packed step,
+   the memory-efficient kernel's 1.4 (34.5 against 33.4 ms per step; bench/RESULTS.md).
 """
 
 from __future__ import annotations
