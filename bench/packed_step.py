@@ -54,6 +54,13 @@ def parse_jobs(text: str) -> list[tuple[str, int]]:
     return out
 
 
+def packed_model(specs: list[tuple[str, int]], shape, tokenizer, device):
+    """The frozen base with the jobs `specs` ((targets, rank) each) packed on it, job i's A
+    drawn from seed i."""
+    jobs = [PackedJob(t, r, ALPHA, base_seed=i) for i, (t, r) in enumerate(specs)]
+    return apply_packed_lora(common.base_model(shape, tokenizer, device), jobs, DROPOUT)
+
+
 def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, steps: int,
             bf16_base: bool = False) -> dict:
     """One row: the jobs `specs` ((targets, rank) each) packed, `steps` timed steps after a
@@ -62,9 +69,7 @@ def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, ste
     common.reset_memory(device)
     on_gpu = device.type == "cuda"
     k = len(specs)
-    jobs = [PackedJob(t, r, ALPHA, base_seed=i) for i, (t, r) in enumerate(specs)]
-    model = apply_packed_lora(common.base_model(shape, tokenizer, device), jobs, DROPOUT)
-    model.train()
+    model = packed_model(specs, shape, tokenizer, device).train()
     if bf16_base and on_gpu:
         frozen_to_bf16(model)
     packed = [({name: b[name].repeat(k, 1) for name in ("input_ids", "labels")}, k * n)

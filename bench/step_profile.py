@@ -28,7 +28,6 @@ from torch.profiler import ProfilerActivity, profile
 from bench import common, packed_step
 from lora_repro import fastpath
 from lora_repro.lora import apply_lora
-from lora_repro.lora.packed import PackedJob, apply_packed_lora
 from lora_repro.packed_trainer import pack_loss
 from lora_repro.trainer import lm_loss
 
@@ -103,9 +102,7 @@ def single(targets: str, shape, tokenizer, device):
 def packed(k: int, shape, tokenizer, device):
     """(label, model, loss, batch of the step) for the first `k` mission-sweep jobs packed:
     each job on its own copy of the batch."""
-    jobs = [PackedJob(t, r, packed_step.ALPHA, base_seed=i)
-            for i, (t, r) in enumerate(packed_step.JOBS[:k])]
-    model = apply_packed_lora(common.base_model(shape, tokenizer, device), jobs, DROPOUT)
+    model = packed_step.packed_model(packed_step.JOBS[:k], shape, tokenizer, device)
     return (f"pack of {k}", model, partial(pack_loss, jobs=k),
             lambda batch: {name: x.repeat(k, 1) for name, x in batch.items()})
 

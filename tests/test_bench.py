@@ -66,6 +66,18 @@ def test_packed_step_tiny(tmp_path):
         two["ms_per_step"] / one["ms_per_step"] / 2)
 
 
+def test_packed_step_tiny_given_jobs_and_rows(tmp_path):
+    out = tmp_path / "packed_step.json"
+    packed_step.main(["--tiny", "--jobs", "qkvo2,qv1", "--rows", "3", "--out", str(out)])
+    result = json.loads(out.read_text())
+    (row,) = result["tables"][0]["rows"]
+    assert (row["jobs"], row["rows"], row["targets_ranks"]) == (2, 3, "qkvo2 qv1")
+    assert row["paper_sweep_min"] is None  # 3 rows a job are not the paper's steps
+    assert result["command"].endswith("--jobs qkvo2,qv1 --rows 3")
+    with pytest.raises(SystemExit):  # argparse's one line: "'qkvo' is not <targets><rank>"
+        packed_step.main(["--tiny", "--jobs", "qkvo"])
+
+
 def test_inference_tiny(tmp_path):
     out = tmp_path / "inference.json"
     inference.main(["--tiny", "--out", str(out)])
