@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -127,8 +128,12 @@ def environment(device: torch.device) -> dict:
         versions["peft"] = peft.__version__
     except ImportError:
         pass
-    return {"device": device_name(device), "versions": versions,
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+    out = {"device": device_name(device), "versions": versions,
+           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d")}
+    # inductor settings given by environment (max-autotune and the like change the kernels)
+    inductor = {k: v for k, v in os.environ.items()
+                if k.startswith("TORCHINDUCTOR_") and k != "TORCHINDUCTOR_CACHE_DIR"}
+    return out | ({"inductor": inductor} if inductor else {})
 
 
 def save(name: str, args, result: dict) -> Path:

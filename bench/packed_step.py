@@ -5,6 +5,10 @@
     python -m bench.packed_step --packs 10 # one K (a process of its own)
     python -m bench.packed_step --jobs qkvo8,qkvo8 --rows 16  # other jobs, 16 rows each
 
+On a GPU each K is measured in a fresh process of its own: measured after another K in the
+same process, a row comes out wrong (H200, 2026-12-02: K = 5 stepped in 36.9 ms after K = 2,
+in 20.2 ms alone), the first row's compiled graphs and CUDA-graph memory still in place.
+
 The mission sweep's jobs (rank=1,2,4,8,64 x targets=qv,qkvo) differ only in their adapters.
 For K = 1, 2, 5 and 10 of them, one training step of all K at once through one frozen base
 (`lora_repro.lora.packed`): a (K x 8, T) batch, each job's 8 rows its own (here the same
@@ -18,9 +22,14 @@ steps per job) run K jobs at a time: ceil(10 / K) x 26,290 steps.
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import subprocess
+import sys
+import tempfile
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 
@@ -30,6 +39,7 @@ from lora_repro.lora.packed import PackedJob, apply_packed_lora
 from lora_repro.packed_trainer import pack_loss
 
 ALPHA, DROPOUT, SMOOTH, BATCH, SWEEP = 32.0, 0.1, 0.1, 8, 10
+N_BATCHES = 40  # E2E batches cycled through while timing
 JOBS = [(targets, rank) for rank in (1, 2, 4, 8, 64) for targets in ("qv", "qkvo")]
 
 
@@ -117,9 +127,22 @@ def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, ste
                                 if rows == BATCH else None)}
 
 
+def measure_alone(args, k: int) -> dict:
+    """`measure` of the first K mission jobs in a fresh process (see the module docstring)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        argv = ["--data-dir", args.data_dir, "--tokenizer", args.tokenizer, "--packs", str(k),
+                "--rows", str(args.rows), "--out", str(out)] + (
+                    ["--bf16-base"] if args.bf16_base else []) + (["--tiny"] if args.tiny else [])
+        subprocess.run([sys.executable, "-m", "bench.packed_step", *argv], check=True,
+                       cwd=common.HERE.parent)
+        return json.loads(out.read_text())["tables"][0]["rows"][0]
+
+
 def main(argv=None) -> dict:
     parser = common.arguments(__doc__.splitlines()[0])
-    parser.add_argument("--packs", default="1,2,5,10", help="the K values, in this order")
+    parser.add_argument("--packs", default=None,
+                        help="the K values, in this order (default 1,2,5,10; --tiny: 1,2)")
     parser.add_argument("--jobs", default=None, type=parse_jobs,
                         help="one pack of these jobs instead, e.g. qv1,qkvo64 (targets, rank)")
     parser.add_argument("--rows", type=int, default=BATCH, help="batch rows per job")
@@ -128,17 +151,22 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     tokenizer, shape, encoded, _, device = common.setup(args)
     steps = 2 if args.tiny else 100
-    packs = (1, 2) if args.tiny else [int(k) for k in args.packs.split(",")]
+    packs = ([int(k) for k in args.packs.split(",")] if args.packs
+             else [1, 2] if args.tiny else [1, 2, 5, 10])
     specs = [args.jobs] if args.jobs else [JOBS[:k] for k in packs]
-    batches = common.static_batches(encoded, tokenizer.pad_token_id, args.rows, 40, device)
-    rows = [measure(s, shape, tokenizer, batches, device, steps, args.bf16_base)
-            for s in specs]
+    if device.type == "cuda" and len(specs) > 1:
+        rows = [measure_alone(args, k) for k in packs]
+    else:
+        batches = common.static_batches(encoded, tokenizer.pad_token_id, args.rows, N_BATCHES,
+                                        device)
+        rows = [measure(s, shape, tokenizer, batches, device, steps, args.bf16_base)
+                for s in specs]
     one = next((r for r in rows if r["jobs"] == 1), None)
     for row in rows:
         row["vs_one"] = row["tokens_per_s"] / one["tokens_per_s"] if one else None
     notes = [
         f"LoRA alpha {ALPHA:g}, dropout {DROPOUT}, label smoothing {SMOOTH}, batch {args.rows} "
-        f"per job, {len(batches)} length-grouped E2E batches (the fast path's buckets), {steps} "
+        f"per job, {N_BATCHES} length-grouped E2E batches (the fast path's buckets), {steps} "
         "timed steps after a warm-up. Jobs: the first K of the mission sweep, or --jobs "
         "(targets and rank per job). Tokens/s: real (non-pad) tokens of all K jobs per "
         "second. x one: tokens/s against K = 1. Paper sweep: training time of the 10 jobs "
@@ -154,7 +182,7 @@ def main(argv=None) -> dict:
         "title": "Packed step (K sweep jobs through one frozen GPT-2 Medium shape, E2E, batch 8 "
                  "per job)",
         "command": "python -m bench.packed_step" + (" --tiny" if args.tiny else "")
-        + (f" --packs {args.packs}" if args.packs != "1,2,5,10" else "")
+        + (f" --packs {args.packs}" if args.packs else "")
         + (f" --jobs {','.join(f'{t}{r}' for t, r in args.jobs)}" if args.jobs else "")
         + (f" --rows {args.rows}" if args.rows != BATCH else "")
         + (" --bf16-base" if args.bf16_base else ""),

@@ -1,5 +1,6 @@
 """Every benchmark script runs in its tiny CPU mode, so none of them rots between GPU runs."""
 
+import argparse
 import json
 
 import pytest
@@ -76,6 +77,14 @@ def test_packed_step_tiny_given_jobs_and_rows(tmp_path):
     assert result["command"].endswith("--jobs qkvo2,qv1 --rows 3")
     with pytest.raises(SystemExit):  # argparse's one line: "'qkvo' is not <targets><rank>"
         packed_step.main(["--tiny", "--jobs", "qkvo"])
+
+
+def test_packed_step_row_in_a_process_of_its_own():
+    # what a GPU run does for each K: the same arguments, that K, a fresh interpreter
+    args = argparse.Namespace(tiny=True, data_dir="-", tokenizer="-", rows=3, bf16_base=False)
+    row = packed_step.measure_alone(args, 2)
+    assert (row["jobs"], row["rows"], row["targets_ranks"]) == (2, 3, "qv1 qkvo1")
+    assert row["ms_per_step"] > 0
 
 
 def test_inference_tiny(tmp_path):
