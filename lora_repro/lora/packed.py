@@ -101,6 +101,8 @@ class PackedLoRAConv1D(nn.Module):
         # Slice by slice, concatenated along the features: y's own layout. (One batched
         # matmul over (K, n) needs a (K, n, rows, d_out) -> (K, rows, n, d_out) transpose,
         # forward and backward; compiled, that one kernel took 15% of a 10-job step.)
+        # (One baddbmm of a block-diagonal B accumulating into y, tried on an H200, was slower
+        # than this concatenation and add: 34.3 against 33.4 ms for 10 jobs; bench/RESULTS.md)
         delta = torch.cat([h[..., s * r:(s + 1) * r] @ self.lora_B[:, s].transpose(1, 2)
                            for s in range(n)], dim=-1)  # (K, rows, n*d_out)
         # scaled in delta's dtype, as a job alone scales it (bf16 under autocast): an fp32
