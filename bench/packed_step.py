@@ -32,11 +32,14 @@ from functools import partial
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from bench import common
 from lora_repro import fastpath
+from lora_repro.data.encoding import IGNORE_INDEX
 from lora_repro.lora.packed import PackedJob, apply_packed_lora
 from lora_repro.packed_trainer import pack_loss
+from lora_repro.trainer import lm_logits
 
 ALPHA, DROPOUT, SMOOTH, BATCH, SWEEP = 32.0, 0.1, 0.1, 8, 10
 N_BATCHES = 40  # E2E batches cycled through while timing
@@ -71,11 +74,54 @@ def packed_model(specs: list[tuple[str, int]], shape, tokenizer, device):
     return apply_packed_lora(common.base_model(shape, tokenizer, device), jobs, DROPOUT)
 
 
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) positions, flat over (rows, T), whose hidden state predicts a target token:
+    position t of row i predicts labels[i, t + 1]. labels: (rows, T), IGNORE_INDEX where
+    no loss."""
+    hit = torch.zeros_like(labels, dtype=torch.bool)
+    hit[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return hit.flatten().nonzero().squeeze(1)
+
+
+def label_head_losses(lm_head, hidden, labels, positions, jobs: int, label_smoothing: float,
+                      vocab_multiple: int) -> torch.Tensor:
+    """(K,) each packed job's mean loss, as `pack_loss` gives it, with the LM head and the
+    cross-entropy on the N target positions only (E2E: 42% of a batch's positions), not
+    on every one. hidden: (rows, T, d); labels: (rows, T); positions: `target_positions`."""
+    rows, length, d = hidden.shape
+    logits = lm_logits(lm_head, hidden.reshape(-1, d)[positions], vocab_multiple)  # (N, V)
+    tokens = F.cross_entropy(logits, labels.reshape(-1)[positions + 1],
+                             label_smoothing=label_smoothing, reduction="none")  # (N,)
+    job = positions // (rows // jobs * length)  # job k owns rows k * B .. (k + 1) * B - 1
+    sums = tokens.new_zeros(jobs).index_add(0, job, tokens)
+    counts = tokens.new_zeros(jobs).index_add(0, job, torch.ones_like(tokens))
+    return sums / counts.clamp(min=1)
+
+
+def label_head_loss_fn(jobs: int, compiled: bool):
+    """`pack_loss`'s signature, with `label_head_losses` (+ optional target positions):
+    compiled, the body (embeddings and blocks) with CUDA graphs as the fast path compiles
+    its loss, the head without graphs and with every dim symbolic (N changes every batch)."""
+    def body(model, input_ids):
+        return model.transformer(input_ids=input_ids).last_hidden_state  # (rows, T, d)
+
+    head = partial(label_head_losses, jobs=jobs,
+                   vocab_multiple=fastpath.VOCAB_MULTIPLE if compiled else 1)
+    if compiled:
+        body, head = fastpath.compile_loss(body), torch.compile(head, dynamic=True)
+
+    def loss_fn(model, input_ids, labels, label_smoothing, positions=None):
+        positions = target_positions(labels) if positions is None else positions
+        return head(model.lm_head, body(model, input_ids), labels, positions,
+                    label_smoothing=label_smoothing)
+    return loss_fn
+
+
 def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, steps: int,
-            bf16_base: bool = False) -> dict:
+            bf16_base: bool = False, label_head: bool = False) -> dict:
     """One row: the jobs `specs` ((targets, rank) each) packed, `steps` timed steps after a
     warm-up. `batches`: (batch of one job, its real tokens). `bf16_base`: `frozen_to_bf16`
-    first."""
+    first. `label_head`: `label_head_loss_fn` in place of `pack_loss`."""
     common.reset_memory(device)
     on_gpu = device.type == "cuda"
     k = len(specs)
@@ -84,15 +130,21 @@ def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, ste
         frozen_to_bf16(model)
     packed = [({name: b[name].repeat(k, 1) for name in ("input_ids", "labels")}, k * n)
               for b, n in batches]
+    for b, _ in packed:  # computed once here, as a trainer would on the host: no sync a step
+        b["positions"] = target_positions(b["labels"]) if label_head else None
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu)
 
     t0 = time.perf_counter()
-    loss_fn = partial(pack_loss, jobs=k)  # (K,): each job's loss, as the packed trainer's
     if on_gpu:
         torch._dynamo.reset()
+    loss_fn = partial(pack_loss, jobs=k)  # (K,): each job's loss, as the packed trainer's
+    if label_head:
+        loss_fn = label_head_loss_fn(k, on_gpu)
+    elif on_gpu:
         loss_fn = fastpath.compile_loss(partial(loss_fn, vocab_multiple=fastpath.VOCAB_MULTIPLE))
+    if on_gpu:
         shapes = sorted({tuple(b["input_ids"].shape) for b, _ in packed})
         fastpath.warm_up(loss_fn, model, shapes, autocast, SMOOTH)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4,
@@ -102,7 +154,8 @@ def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, ste
         if on_gpu:
             fastpath.step_begin()
         with autocast():
-            losses = loss_fn(model, batch["input_ids"], batch["labels"], SMOOTH)
+            losses = loss_fn(model, batch["input_ids"], batch["labels"], SMOOTH,
+                             **({"positions": batch["positions"]} if label_head else {}))
         losses.sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -118,7 +171,7 @@ def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, ste
     tokens = sum(packed[i % len(packed)][1] for i in range(steps)) / steps
     rows = packed[0][0]["input_ids"].shape[0] // k
     return {"jobs": k, "rows": rows,
-            "bf16_base": bf16_base and on_gpu,
+            "bf16_base": bf16_base and on_gpu, "label_head": label_head,
             "targets_ranks": " ".join(f"{t}{r}" for t, r in specs),
             "ms_per_step": ms, "ms_per_job_step": ms / k, "tokens_per_s": tokens / (ms / 1e3),
             "peak_gib": common.peak_gib(device), "warmup_s": warmup_s,
@@ -133,7 +186,8 @@ def measure_alone(args, k: int) -> dict:
         out = Path(tmp) / "row.json"
         argv = ["--data-dir", args.data_dir, "--tokenizer", args.tokenizer, "--packs", str(k),
                 "--rows", str(args.rows), "--out", str(out)] + (
-                    ["--bf16-base"] if args.bf16_base else []) + (["--tiny"] if args.tiny else [])
+                    ["--bf16-base"] if args.bf16_base else []) + (
+                    ["--label-head"] if args.label_head else []) + (["--tiny"] if args.tiny else [])
         subprocess.run([sys.executable, "-m", "bench.packed_step", *argv], check=True,
                        cwd=common.HERE.parent)
         return json.loads(out.read_text())["tables"][0]["rows"][0]
@@ -148,6 +202,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rows", type=int, default=BATCH, help="batch rows per job")
     parser.add_argument("--bf16-base", action="store_true",
                         help="frozen Conv1D weights stored in bf16 (exact under autocast)")
+    parser.add_argument("--label-head", action="store_true",
+                        help="LM head and cross-entropy on the target positions only")
     args = parser.parse_args(argv)
     tokenizer, shape, encoded, _, device = common.setup(args)
     steps = 2 if args.tiny else 100
@@ -159,8 +215,8 @@ def main(argv=None) -> dict:
     else:
         batches = common.static_batches(encoded, tokenizer.pad_token_id, args.rows, N_BATCHES,
                                         device)
-        rows = [measure(s, shape, tokenizer, batches, device, steps, args.bf16_base)
-                for s in specs]
+        rows = [measure(s, shape, tokenizer, batches, device, steps, args.bf16_base,
+                        args.label_head) for s in specs]
     one = next((r for r in rows if r["jobs"] == 1), None)
     for row in rows:
         row["vs_one"] = row["tokens_per_s"] / one["tokens_per_s"] if one else None
@@ -185,7 +241,8 @@ def main(argv=None) -> dict:
         + (f" --packs {args.packs}" if args.packs else "")
         + (f" --jobs {','.join(f'{t}{r}' for t, r in args.jobs)}" if args.jobs else "")
         + (f" --rows {args.rows}" if args.rows != BATCH else "")
-        + (" --bf16-base" if args.bf16_base else ""),
+        + (" --bf16-base" if args.bf16_base else "")
+        + (" --label-head" if args.label_head else ""),
         "environment": common.environment(device), "notes": notes,
         "tables": [{"columns": columns, "rows": rows}],
     }

@@ -2,8 +2,10 @@
 
 import argparse
 import json
+from functools import partial
 
 import pytest
+import torch
 
 from bench import analysis_grid, common, inference, packed_step, step_profile, train_step
 
@@ -79,11 +81,45 @@ def test_packed_step_tiny_given_jobs_and_rows(tmp_path):
         packed_step.main(["--tiny", "--jobs", "qkvo"])
 
 
+def test_label_head_losses_equal_pack_loss():
+    # the LM head on the target positions only: the same per-job losses and gradients
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora_repro.lora.packed import PackedJob, apply_packed_lora
+    from lora_repro.packed_trainer import pack_loss
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97,
+                                       n_positions=32, resid_pdrop=0, embd_pdrop=0,
+                                       attn_pdrop=0, bos_token_id=0, eos_token_id=0))
+    apply_packed_lora(model, [PackedJob("qv", 2, 8.0, 0), PackedJob("qkvo", 4, 8.0, 1)])
+    for p in model.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    ids = torch.randint(0, 97, (6, 12))
+    labels = ids.clone()
+    labels[:, :4], labels[1, 7:], labels[4, 10:] = -100, -100, -100  # prompts, padding
+
+    def run(loss_fn):
+        model.zero_grad()
+        losses = loss_fn(model, ids, labels, 0.1)
+        losses.sum().backward()
+        return losses.detach(), [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    (full, g_full), (head, g_head) = (run(partial(pack_loss, jobs=2)),
+                                      run(packed_step.label_head_loss_fn(2, compiled=False)))
+    assert torch.allclose(head, full, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g_head, g_full, strict=True))
+    assert packed_step.target_positions(labels).numel() == (labels[:, 1:] != -100).sum()
+
+
 def test_packed_step_row_in_a_process_of_its_own():
     # what a GPU run does for each K: the same arguments, that K, a fresh interpreter
-    args = argparse.Namespace(tiny=True, data_dir="-", tokenizer="-", rows=3, bf16_base=False)
+    args = argparse.Namespace(tiny=True, data_dir="-", tokenizer="-", rows=3, bf16_base=False,
+                              label_head=True)
     row = packed_step.measure_alone(args, 2)
-    assert (row["jobs"], row["rows"], row["targets_ranks"]) == (2, 3, "qv1 qkvo1")
+    assert (row["jobs"], row["rows"], row["targets_ranks"], row["label_head"]) == (
+        2, 3, "qv1 qkvo1", True)
     assert row["ms_per_step"] > 0
 
 
