@@ -130,8 +130,9 @@ def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, ste
         frozen_to_bf16(model)
     packed = [({name: b[name].repeat(k, 1) for name in ("input_ids", "labels")}, k * n)
               for b, n in batches]
-    for b, _ in packed:  # computed once here, as a trainer would on the host: no sync a step
-        b["positions"] = target_positions(b["labels"]) if label_head else None
+    if label_head:  # computed once here, as a trainer would on the host: no sync a step
+        for b, _ in packed:
+            b["positions"] = target_positions(b["labels"])
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu)
@@ -154,8 +155,8 @@ def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, ste
         if on_gpu:
             fastpath.step_begin()
         with autocast():
-            losses = loss_fn(model, batch["input_ids"], batch["labels"], SMOOTH,
-                             **({"positions": batch["positions"]} if label_head else {}))
+            extra = {"positions": batch["positions"]} if label_head else {}
+            losses = loss_fn(model, batch["input_ids"], batch["labels"], SMOOTH, **extra)
         losses.sum().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -184,10 +185,10 @@ def measure_alone(args, k: int) -> dict:
     """`measure` of the first K mission jobs in a fresh process (see the module docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
+        flags = {"--bf16-base": args.bf16_base, "--label-head": args.label_head,
+                 "--tiny": args.tiny}
         argv = ["--data-dir", args.data_dir, "--tokenizer", args.tokenizer, "--packs", str(k),
-                "--rows", str(args.rows), "--out", str(out)] + (
-                    ["--bf16-base"] if args.bf16_base else []) + (
-                    ["--label-head"] if args.label_head else []) + (["--tiny"] if args.tiny else [])
+                "--rows", str(args.rows), "--out", str(out), *(f for f, on in flags.items() if on)]
         subprocess.run([sys.executable, "-m", "bench.packed_step", *argv], check=True,
                        cwd=common.HERE.parent)
         return json.loads(out.read_text())["tables"][0]["rows"][0]
