@@ -22,6 +22,7 @@ steps per job) run K jobs at a time: ceil(10 / K) x 26,290 steps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import subprocess
@@ -118,13 +119,16 @@ def label_head_loss_fn(jobs: int, compiled: bool):
 
 
 def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, steps: int,
-            bf16_base: bool = False, label_head: bool = False) -> dict:
+            bf16_base: bool = False, label_head: bool = False, attention: str = "sdpa") -> dict:
     """One row: the jobs `specs` ((targets, rank) each) packed, `steps` timed steps after a
     warm-up. `batches`: (batch of one job, its real tokens). `bf16_base`: `frozen_to_bf16`
-    first. `label_head`: `label_head_loss_fn` in place of `pack_loss`."""
+    first. `label_head`: `label_head_loss_fn` in place of `pack_loss`. `attention`:
+    transformers' attn_implementation (sdpa: the fast path's; eager: matmuls and a softmax,
+    which inductor fuses)."""
     common.reset_memory(device)
     on_gpu = device.type == "cuda"
     k = len(specs)
+    shape = dataclasses.replace(shape, attn_implementation=attention)
     model = packed_model(specs, shape, tokenizer, device).train()
     if bf16_base and on_gpu:
         frozen_to_bf16(model)
@@ -173,6 +177,7 @@ def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, ste
     rows = packed[0][0]["input_ids"].shape[0] // k
     return {"jobs": k, "rows": rows,
             "bf16_base": bf16_base and on_gpu, "label_head": label_head,
+            "attention": "mem-efficient" if attention == "sdpa" else attention,
             "targets_ranks": " ".join(f"{t}{r}" for t, r in specs),
             "ms_per_step": ms, "ms_per_job_step": ms / k, "tokens_per_s": tokens / (ms / 1e3),
             "peak_gib": common.peak_gib(device), "warmup_s": warmup_s,
@@ -188,7 +193,8 @@ def measure_alone(args, k: int) -> dict:
         flags = {"--bf16-base": args.bf16_base, "--label-head": args.label_head,
                  "--tiny": args.tiny}
         argv = ["--data-dir", args.data_dir, "--tokenizer", args.tokenizer, "--packs", str(k),
-                "--rows", str(args.rows), "--out", str(out), *(f for f, on in flags.items() if on)]
+                "--rows", str(args.rows), "--attention", args.attention, "--out", str(out),
+                *(f for f, on in flags.items() if on)]
         subprocess.run([sys.executable, "-m", "bench.packed_step", *argv], check=True,
                        cwd=common.HERE.parent)
         return json.loads(out.read_text())["tables"][0]["rows"][0]
@@ -205,6 +211,8 @@ def main(argv=None) -> dict:
                         help="frozen Conv1D weights stored in bf16 (exact under autocast)")
     parser.add_argument("--label-head", action="store_true",
                         help="LM head and cross-entropy on the target positions only")
+    parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
+                        help="transformers' attn_implementation (default sdpa, the fast path's)")
     args = parser.parse_args(argv)
     tokenizer, shape, encoded, _, device = common.setup(args)
     steps = 2 if args.tiny else 100
@@ -217,7 +225,7 @@ def main(argv=None) -> dict:
         batches = common.static_batches(encoded, tokenizer.pad_token_id, args.rows, N_BATCHES,
                                         device)
         rows = [measure(s, shape, tokenizer, batches, device, steps, args.bf16_base,
-                        args.label_head) for s in specs]
+                        args.label_head, args.attention) for s in specs]
     one = next((r for r in rows if r["jobs"] == 1), None)
     for row in rows:
         row["vs_one"] = row["tokens_per_s"] / one["tokens_per_s"] if one else None
@@ -243,7 +251,8 @@ def main(argv=None) -> dict:
         + (f" --jobs {','.join(f'{t}{r}' for t, r in args.jobs)}" if args.jobs else "")
         + (f" --rows {args.rows}" if args.rows != BATCH else "")
         + (" --bf16-base" if args.bf16_base else "")
-        + (" --label-head" if args.label_head else ""),
+        + (" --label-head" if args.label_head else "")
+        + (f" --attention {args.attention}" if args.attention != "sdpa" else ""),
         "environment": common.environment(device), "notes": notes,
         "tables": [{"columns": columns, "rows": rows}],
     }

@@ -116,10 +116,10 @@ def test_label_head_losses_equal_pack_loss():
 def test_packed_step_row_in_a_process_of_its_own():
     # what a GPU run does for each K: the same arguments, that K, a fresh interpreter
     args = argparse.Namespace(tiny=True, data_dir="-", tokenizer="-", rows=3, bf16_base=False,
-                              label_head=True)
+                              label_head=True, attention="eager")
     row = packed_step.measure_alone(args, 2)
-    assert (row["jobs"], row["rows"], row["targets_ranks"], row["label_head"]) == (
-        2, 3, "qv1 qkvo1", True)
+    assert (row["jobs"], row["rows"], row["targets_ranks"], row["label_head"],
+            row["attention"]) == (2, 3, "qv1 qkvo1", True, "eager")
     assert row["ms_per_step"] > 0
 
 
