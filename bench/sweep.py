@@ -159,6 +159,8 @@ def summarize(part: str, gpus: str, per_gpu: int, jobs: list[dict], wall: float,
     steady = med("steady_ms_per_step")  # waves of (warm-up + 26,290 steps at the steady rate)
     steady_projected = (waves * (warm + common.PAPER_E2E_STEPS * steady / 1e3) / 60
                         if steady and warm else None)
+    if part == "cold":  # its jobs step while the others still compile: nearly alone
+        projected = steady_projected = None
     per_gpu_count = {}
     for j in jobs:
         per_gpu_count[j["gpu"]] = per_gpu_count.get(j["gpu"], 0) + 1

@@ -190,6 +190,8 @@ def test_sweep_projects_a_pack_as_one_process(tmp_path):
     assert packed["projected_paper_min"] == pytest.approx((100 + 10 * steps * 500 / 1e3) / 60)
     assert packed["steady_projected_paper_min"] == pytest.approx((100 + steps * 0.04) / 60)
     assert alone["steady_projected_paper_min"] == pytest.approx(10 * (100 + steps * 0.04) / 60)
+    cold = sweep.summarize("cold", "0", 10, jobs, 200.0, 0, n_sweep=10)  # no projection
+    assert cold["projected_paper_min"] is cold["steady_projected_paper_min"] is None
     args = sweep.parse(["--tiny", "--pack", "10", "--out", str(tmp_path / "s.json")])
     result = sweep.report(args, [packed], jobs, [], 1.0, 10, "note")
     assert result["title"].endswith("packs of 10") and result["command"].endswith("--pack 10")
