@@ -56,6 +56,14 @@ def frozen_to_bf16(model: torch.nn.Module) -> None:
             m.to(torch.bfloat16)
 
 
+def all_frozen_to_bf16(model: torch.nn.Module) -> None:
+    """Store every frozen tensor in bf16, the embeddings and LayerNorms too, the adapters
+    staying fp32. NOT exact: the residual stream then runs in bf16 (under autocast it is
+    fp32, as the embeddings' output). Measures what the paper's numerics cost."""
+    for p in model.parameters():
+        p.data = p.data.float() if p.requires_grad else p.data.bfloat16()
+
+
 def parse_jobs(text: str) -> list[tuple[str, int]]:
     """"qv1,qkvo64" -> [("qv", 1), ("qkvo", 64)]: a job's targets, then its rank."""
     out = []
@@ -119,12 +127,13 @@ def label_head_loss_fn(jobs: int, compiled: bool):
 
 
 def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, steps: int,
-            bf16_base: bool = False, label_head: bool = False, attention: str = "sdpa") -> dict:
+            bf16_base: bool = False, label_head: bool = False, attention: str = "sdpa",
+            bf16_model: bool = False) -> dict:
     """One row: the jobs `specs` ((targets, rank) each) packed, `steps` timed steps after a
     warm-up. `batches`: (batch of one job, its real tokens). `bf16_base`: `frozen_to_bf16`
     first. `label_head`: `label_head_loss_fn` in place of `pack_loss`. `attention`:
     transformers' attn_implementation (sdpa: the fast path's; eager: matmuls and a softmax,
-    which inductor fuses)."""
+    which inductor fuses). `bf16_model`: `all_frozen_to_bf16` first."""
     common.reset_memory(device)
     on_gpu = device.type == "cuda"
     k = len(specs)
@@ -132,6 +141,8 @@ def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, ste
     model = packed_model(specs, shape, tokenizer, device).train()
     if bf16_base and on_gpu:
         frozen_to_bf16(model)
+    if bf16_model and on_gpu:
+        all_frozen_to_bf16(model)
     packed = [({name: b[name].repeat(k, 1) for name in ("input_ids", "labels")}, k * n)
               for b, n in batches]
     if label_head:  # computed once here, as a trainer would on the host: no sync a step
@@ -176,7 +187,8 @@ def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, ste
     tokens = sum(packed[i % len(packed)][1] for i in range(steps)) / steps
     rows = packed[0][0]["input_ids"].shape[0] // k
     return {"jobs": k, "rows": rows,
-            "bf16_base": bf16_base and on_gpu, "label_head": label_head,
+            "bf16_base": bf16_base and on_gpu, "bf16_model": bf16_model and on_gpu,
+            "label_head": label_head,
             "attention": "mem-efficient" if attention == "sdpa" else attention,
             "targets_ranks": " ".join(f"{t}{r}" for t, r in specs),
             "ms_per_step": ms, "ms_per_job_step": ms / k, "tokens_per_s": tokens / (ms / 1e3),
@@ -190,7 +202,8 @@ def measure_alone(args, k: int) -> dict:
     """`measure` of the first K mission jobs in a fresh process (see the module docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        flags = {"--bf16-base": args.bf16_base, "--label-head": args.label_head,
+        flags = {"--bf16-base": args.bf16_base, "--bf16-model": args.bf16_model,
+                 "--label-head": args.label_head,
                  "--tiny": args.tiny}
         argv = ["--data-dir", args.data_dir, "--tokenizer", args.tokenizer, "--packs", str(k),
                 "--rows", str(args.rows), "--attention", args.attention, "--out", str(out),
@@ -209,6 +222,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rows", type=int, default=BATCH, help="batch rows per job")
     parser.add_argument("--bf16-base", action="store_true",
                         help="frozen Conv1D weights stored in bf16 (exact under autocast)")
+    parser.add_argument("--bf16-model", action="store_true",
+                        help="every frozen tensor in bf16, a bf16 residual stream (NOT exact)")
     parser.add_argument("--label-head", action="store_true",
                         help="LM head and cross-entropy on the target positions only")
     parser.add_argument("--attention", choices=("sdpa", "eager"), default="sdpa",
@@ -225,7 +240,7 @@ def main(argv=None) -> dict:
         batches = common.static_batches(encoded, tokenizer.pad_token_id, args.rows, N_BATCHES,
                                         device)
         rows = [measure(s, shape, tokenizer, batches, device, steps, args.bf16_base,
-                        args.label_head, args.attention) for s in specs]
+                        args.label_head, args.attention, args.bf16_model) for s in specs]
     one = next((r for r in rows if r["jobs"] == 1), None)
     for row in rows:
         row["vs_one"] = row["tokens_per_s"] / one["tokens_per_s"] if one else None
@@ -251,6 +266,7 @@ def main(argv=None) -> dict:
         + (f" --jobs {','.join(f'{t}{r}' for t, r in args.jobs)}" if args.jobs else "")
         + (f" --rows {args.rows}" if args.rows != BATCH else "")
         + (" --bf16-base" if args.bf16_base else "")
+        + (" --bf16-model" if args.bf16_model else "")
         + (" --label-head" if args.label_head else "")
         + (f" --attention {args.attention}" if args.attention != "sdpa" else ""),
         "environment": common.environment(device), "notes": notes,

@@ -116,7 +116,7 @@ def test_label_head_losses_equal_pack_loss():
 def test_packed_step_row_in_a_process_of_its_own():
     # what a GPU run does for each K: the same arguments, that K, a fresh interpreter
     args = argparse.Namespace(tiny=True, data_dir="-", tokenizer="-", rows=3, bf16_base=False,
-                              label_head=True, attention="eager")
+                              bf16_model=False, label_head=True, attention="eager")
     row = packed_step.measure_alone(args, 2)
     assert (row["jobs"], row["rows"], row["targets_ranks"], row["label_head"],
             row["attention"]) == (2, 3, "qv1 qkvo1", True, "eager")
@@ -195,3 +195,22 @@ def test_sweep_projects_a_pack_as_one_process(tmp_path):
     args = sweep.parse(["--tiny", "--pack", "10", "--out", str(tmp_path / "s.json")])
     result = sweep.report(args, [packed], jobs, [], 1.0, 10, "note")
     assert result["title"].endswith("packs of 10") and result["command"].endswith("--pack 10")
+
+
+def test_all_frozen_to_bf16_keeps_the_adapters_fp32_and_the_model_runs():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lora_repro.lora.packed import PackedJob, apply_packed_lora
+    from lora_repro.packed_trainer import pack_loss
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50,
+                                       n_positions=16, bos_token_id=0, eos_token_id=0))
+    apply_packed_lora(model, [PackedJob("qv", 2, 8.0, 0)])
+    packed_step.all_frozen_to_bf16(model)
+    dtypes = {(p.requires_grad, p.dtype) for p in model.parameters()}
+    assert dtypes == {(True, torch.float32), (False, torch.bfloat16)}
+    ids = torch.randint(0, 50, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = pack_loss(model, ids, ids, jobs=1)
+    losses.sum().backward()
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
