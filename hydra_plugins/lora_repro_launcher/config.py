@@ -14,8 +14,9 @@ class ParallelLauncherConf:
     # []: none (CPU). Env LORA_REPRO_GPUS="0,1" ("" for none) sets it too.
     gpus: Any = None
     # Jobs at once on each GPU (each job one process). On an H200, without MPS the tokens/s of
-    # all jobs together stopped growing at 2; with MPS, 10 at once beat 4 by 17%
-    # (bench/RESULTS.md). 4 stays the default: it fits GPUs with far less memory than an
+    # all jobs together stopped growing at 2; with MPS, 10 at once beat 4 by 17% (and by 19%,
+    # 85k against 71k real tokens/s, since the LM head padding; bench/RESULTS.md). 4 stays
+    # the default: it fits GPUs with far less memory than an
     # H200 (a GPT-2 Medium job at batch 8 peaks at 2.5 GiB) and overlaps one job's warm-up
     # with the others' training. On a GPU as large, set per_gpu=10.
     per_gpu: int = 4
@@ -29,8 +30,8 @@ class ParallelLauncherConf:
     mps: Any = "auto"
     # Train up to this many jobs of the sweep as one (lora_repro.packed_trainer): jobs that
     # differ only in rank and targets share one process, one frozen base and one batch. On
-    # an H200 the mission sweep's 10 jobs as one pack stepped in 36.2 ms, 1.8x the tokens/s
-    # of 10 processes under MPS: 19 min projected for the paper sweep against 28.5
+    # an H200 the mission sweep's 10 jobs as one pack stepped in 34.8-36.2 ms, 1.5x the
+    # tokens/s of 10 processes under MPS: 16-19 min projected for the paper sweep against 25
     # (bench/RESULTS.md, "Sweep ..., packs of 10"). A pack takes one of the per_gpu slots.
     # Results equal a job alone's up to float rounding and dropout draws, not bit for bit:
     # so 1 (off) by default.

@@ -24,7 +24,7 @@ and cannot hold per-slice targets of GPT-2's fused c_attn (see `layer.py`).
 `lora_repro.packed_trainer` trains a sweep's packs with it (`hydra.launcher.pack`). Measured
 (`bench.packed_step`, one H200, GPT-2 Medium shape, E2E, batch 8 per job): the 10 jobs of
 the mission sweep packed step in 33.4 ms, 135k real tokens/s together, against 6.0 ms and
-75k for one job alone and 74k for 10 separate processes under MPS. The frozen base's own
+75k for one job alone and 85k for 10 separate processes under MPS. The frozen base's own
 work for those 10 x 8 rows steps at 171-175k: the adapters add about 20%.
 """
 
