@@ -5,6 +5,11 @@
     python -m bench.packed_step --packs 10 # one K (a process of its own)
     python -m bench.packed_step --jobs qkvo8,qkvo8 --rows 16  # other jobs, 16 rows each
 
+Alternatives to the fast path, measured on an H200 and not adopted (bench/RESULTS.md,
+"Packed step"): `--label-head` (LM head on target positions only), `--attention eager`,
+`--bf16-base` (frozen Conv1D weights in bf16, exact), `--bf16-model` (a bf16 residual
+stream, not exact); 3% at most for the exact ones, 11.5% for all of them.
+
 On a GPU each K is measured in a fresh process of its own: measured after another K in the
 same process, a row comes out wrong (H200, 2026-12-02: K = 5 stepped in 36.9 ms after K = 2,
 in 20.2 ms alone), the first row's compiled graphs and CUDA-graph memory still in place.
