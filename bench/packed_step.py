@@ -66,7 +66,8 @@ def all_frozen_to_bf16(model: torch.nn.Module) -> None:
     staying fp32. NOT exact: the residual stream then runs in bf16 (under autocast it is
     fp32, as the embeddings' output). Measures what the paper's numerics cost."""
     for p in model.parameters():
-        p.data = p.data.float() if p.requires_grad else p.data.bfloat16()
+        if not p.requires_grad:
+            p.data = p.data.bfloat16()
 
 
 def parse_jobs(text: str) -> list[tuple[str, int]]:
@@ -203,16 +204,21 @@ def measure(specs: list[tuple[str, int]], shape, tokenizer, batches, device, ste
                                 if rows == BATCH else None)}
 
 
+def variant_flags(args) -> list[str]:
+    """The flags of the alternatives to the fast path that `args` asks for, as typed."""
+    on = {"--bf16-base": args.bf16_base, "--bf16-model": args.bf16_model,
+          "--label-head": args.label_head}
+    return [f for f, yes in on.items() if yes] + (
+        ["--attention", args.attention] if args.attention != "sdpa" else [])
+
+
 def measure_alone(args, k: int) -> dict:
     """`measure` of the first K mission jobs in a fresh process (see the module docstring)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "row.json"
-        flags = {"--bf16-base": args.bf16_base, "--bf16-model": args.bf16_model,
-                 "--label-head": args.label_head,
-                 "--tiny": args.tiny}
         argv = ["--data-dir", args.data_dir, "--tokenizer", args.tokenizer, "--packs", str(k),
-                "--rows", str(args.rows), "--attention", args.attention, "--out", str(out),
-                *(f for f, on in flags.items() if on)]
+                "--rows", str(args.rows), "--out", str(out), *variant_flags(args),
+                *(["--tiny"] if args.tiny else [])]
         subprocess.run([sys.executable, "-m", "bench.packed_step", *argv], check=True,
                        cwd=common.HERE.parent)
         return json.loads(out.read_text())["tables"][0]["rows"][0]
@@ -244,8 +250,9 @@ def main(argv=None) -> dict:
     else:
         batches = common.static_batches(encoded, tokenizer.pad_token_id, args.rows, N_BATCHES,
                                         device)
-        rows = [measure(s, shape, tokenizer, batches, device, steps, args.bf16_base,
-                        args.label_head, args.attention, args.bf16_model) for s in specs]
+        rows = [measure(s, shape, tokenizer, batches, device, steps, bf16_base=args.bf16_base,
+                        label_head=args.label_head, attention=args.attention,
+                        bf16_model=args.bf16_model) for s in specs]
     one = next((r for r in rows if r["jobs"] == 1), None)
     for row in rows:
         row["vs_one"] = row["tokens_per_s"] / one["tokens_per_s"] if one else None
@@ -270,10 +277,7 @@ def main(argv=None) -> dict:
         + (f" --packs {args.packs}" if args.packs else "")
         + (f" --jobs {','.join(f'{t}{r}' for t, r in args.jobs)}" if args.jobs else "")
         + (f" --rows {args.rows}" if args.rows != BATCH else "")
-        + (" --bf16-base" if args.bf16_base else "")
-        + (" --bf16-model" if args.bf16_model else "")
-        + (" --label-head" if args.label_head else "")
-        + (f" --attention {args.attention}" if args.attention != "sdpa" else ""),
+        + "".join(f" {f}" for f in variant_flags(args)),
         "environment": common.environment(device), "notes": notes,
         "tables": [{"columns": columns, "rows": rows}],
     }

@@ -117,6 +117,7 @@ def test_packed_step_row_in_a_process_of_its_own():
     # what a GPU run does for each K: the same arguments, that K, a fresh interpreter
     args = argparse.Namespace(tiny=True, data_dir="-", tokenizer="-", rows=3, bf16_base=False,
                               bf16_model=False, label_head=True, attention="eager")
+    assert packed_step.variant_flags(args) == ["--label-head", "--attention", "eager"]
     row = packed_step.measure_alone(args, 2)
     assert (row["jobs"], row["rows"], row["targets_ranks"], row["label_head"],
             row["attention"]) == (2, 3, "qv1 qkvo1", True, "eager")
