@@ -64,6 +64,7 @@ def test_packed_step_tiny(tmp_path):
     assert (one["jobs"], two["jobs"], two["targets_ranks"]) == (1, 2, "qv1 qkvo1")
     assert all(r["tokens_per_s"] > 0 and r["ms_per_step"] > 0 for r in (one, two))
     assert two["ms_per_job_step"] == two["ms_per_step"] / 2 and one["vs_one"] == 1.0
+    assert any(n.startswith("Real tokens are ") for n in json.loads(out.read_text())["notes"])
     # the sweep's 10 jobs: 10 packs of one job against 5 of two
     assert two["paper_sweep_min"] / one["paper_sweep_min"] == pytest.approx(
         two["ms_per_step"] / one["ms_per_step"] / 2)
@@ -79,6 +80,13 @@ def test_packed_step_tiny_given_jobs_and_rows(tmp_path):
     assert result["command"].endswith("--jobs qkvo2,qv1 --rows 3")
     with pytest.raises(SystemExit):  # argparse's one line: "'qkvo' is not <targets><rank>"
         packed_step.main(["--tiny", "--jobs", "qkvo"])
+
+
+def test_real_share_counts_padding():
+    pad = -1
+    batches = [({"input_ids": torch.tensor([[5, 6, 7, pad], [5, pad, pad, pad]])}, 4),
+               ({"input_ids": torch.tensor([[5, 6], [7, 8]])}, 4)]
+    assert packed_step.real_share(batches) == 8 / 12
 
 
 def test_label_head_losses_equal_pack_loss():
