@@ -137,11 +137,15 @@ def check_launcher(args: list[str]) -> None:
     and MPS (its control program must be there)."""
     for arg in args:
         key, _, value = arg.partition("=")
+        if key == "hydra.launcher.per_gpu" and value.lower() == "auto":
+            continue
         if key in ("hydra.launcher.per_gpu", "hydra.launcher.workers",
                    "hydra.launcher.pack") and not (
                 value.isdigit() and int(value) >= 1):
+            also = (" or auto (the default: from each GPU's memory)"
+                    if key.endswith("per_gpu") else "")
             raise UserError(f"{key}={value}: must be an integer >= 1 (jobs at once, or in a "
-                            "pack)")
+                            f"pack){also}")
         if key == "hydra.launcher.mps" and value.lower() not in ("auto", "true", "false"):
             raise UserError(f"{arg}: must be auto (the default), true or false")
         if key == "hydra.launcher.mps" and value.lower() == "true" and not shutil.which(

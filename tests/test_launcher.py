@@ -48,6 +48,25 @@ def test_slots_give_each_gpu_per_gpu_places():
         slots(["0"], per_gpu=0, workers=1)
 
 
+def test_auto_per_gpu_from_the_smallest_gpus_memory():
+    h200, a100_80, rtx_24 = 143771 / 1024, 81920 / 1024, 24576 / 1024  # nvidia-smi's MiB
+    assert launcher.auto_per_gpu([h200]) == 10 and launcher.auto_per_gpu([a100_80]) == 6
+    assert launcher.auto_per_gpu([h200, rtx_24]) == 2 and launcher.auto_per_gpu([8.0]) == 1
+    assert launcher.auto_per_gpu(None) == 4  # nvidia-smi could not tell
+
+
+def test_gpu_memory_gib_asks_nvidia_smi_for_the_given_gpus(tmp_path, monkeypatch):
+    fake, calls = tmp_path / "nvidia-smi", tmp_path / "calls"
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nprintf "81920\\n24576\\n"\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert launcher.gpu_memory_gib(["0", "3"]) == [80.0, 24.0]
+    assert calls.read_text().split()[-2:] == ["-i", "0,3"]
+    assert launcher.gpu_memory_gib(["0"]) is None  # two answers for one GPU: not trusted
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    assert launcher.gpu_memory_gib(["0"]) is None
+
+
 def test_packs_group_jobs_with_equal_keys_in_sweep_order():
     assert packs(["a", "a", None, "b", "a", "a", "a"], 2) == [[0, 1], [2], [3], [4, 5], [6]]
     assert packs(["a", "a"], 1) == [[0], [1]]
@@ -122,10 +141,14 @@ def test_mps_runs_the_jobs_under_a_daemon_of_the_sweeps_own(tmp_path):
     fake.write_text(f'#!/bin/sh\nif [ "$1" = -d ]; then echo "start $CUDA_MPS_PIPE_DIRECTORY" '
                     f'>> {calls}; else cat >> {calls}; fi\n')
     fake.chmod(0o755)
+    smi = bin_dir / "nvidia-smi"  # per_gpu=auto (the default) asks it: a 24 GiB GPU, 2 jobs
+    smi.write_text("#!/bin/sh\necho 24576\n")
+    smi.chmod(0o755)
     env_path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
-    out = cli("-m", *QUICK, "rank=1,2", "hydra.launcher.gpus=[0]", "hydra.launcher.per_gpu=2",
+    out = cli("-m", *QUICK, "rank=1,2", "hydra.launcher.gpus=[0]",
               f"hydra.sweep.dir={tmp_path / 'sweep'}", env={"PATH": env_path})
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 at a time (2 per GPU on GPUs 0; per_gpu=auto: 24 GiB)" in out.stdout
     start, stop = calls.read_text().splitlines()
     assert start.startswith("start ") and start.endswith("mps_pipe") and stop == "quit"
     records = [json.loads(p.read_text()) for p in (tmp_path / "sweep").glob(f"*/{rundir.SUMMARY}")]

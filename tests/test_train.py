@@ -224,6 +224,7 @@ def test_cli_smoke_and_sweep_dirs(tmp_path):
     (["model.n_layr=3"], "unknown key 'model.n_layr'; allowed there: id, name"),
     (["-m", "rank=4,0"], "rank=0"),  # a sweep checks every value before its first job
     (["-m", "rank=1,2", "hydra.launcher.per_gpu=0"], "hydra.launcher.per_gpu=0: must be"),
+    (["-m", "rank=1,2", "hydra.launcher.per_gpu=many"], "or auto (the default"),
     (["-m", "rank=1,2", "hydra.launcher.pack=two"], "hydra.launcher.pack=two: must be"),
     (["-m", "rank=1,2", "hydra.launcher.mps=yes"], "hydra.launcher.mps=yes: must be auto"),
 ])

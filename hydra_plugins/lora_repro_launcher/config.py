@@ -13,13 +13,13 @@ class ParallelLauncherConf:
     # GPUs to use, as CUDA_VISIBLE_DEVICES entries ([0, 1]); null: every visible GPU;
     # []: none (CPU). Env LORA_REPRO_GPUS="0,1" ("" for none) sets it too.
     gpus: Any = None
-    # Jobs at once on each GPU (each job one process). On an H200, without MPS the tokens/s of
-    # all jobs together stopped growing at 2; with MPS, 10 at once beat 4 by 17% (and by 19%,
-    # 85k against 71k real tokens/s, since the LM head padding; bench/RESULTS.md). 4 stays
-    # the default: it fits GPUs with far less memory than an
-    # H200 (a GPT-2 Medium job at batch 8 peaks at 2.5 GiB) and overlaps one job's warm-up
-    # with the others' training. On a GPU as large, set per_gpu=10.
-    per_gpu: int = 4
+    # Jobs at once on each GPU (each job one process). auto: from the GPUs' memory, one job
+    # per 12 GiB, 1 to 10 (`launcher.auto_per_gpu`): 10 on an H200, 6 on an 80 GB GPU, 2 on
+    # a 24 GB one; 4 if nvidia-smi cannot tell. On an H200, without MPS the tokens/s of all
+    # jobs together stopped growing at 2; with MPS, 10 at once beat 4 by 19% (85k against
+    # 71k real tokens/s; bench/RESULTS.md, "Sweep with and without MPS"). A GPT-2 Medium job
+    # at batch 8 peaks at 2.5 GiB.
+    per_gpu: Any = "auto"
     # Run the jobs under an MPS server of the sweep's own (nvidia-cuda-mps-control, from the
     # driver), so the kernels of jobs sharing a GPU run at the same time instead of taking
     # turns. auto: on GPUs when the program is on PATH and no MPS server is set up already

@@ -72,11 +72,44 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
+AUTO_GIB_PER_JOB, AUTO_MOST, AUTO_UNKNOWN = 12, 10, 4  # per_gpu=auto, see `auto_per_gpu`
+
+
+def auto_per_gpu(memory_gib: Sequence[float] | None) -> int:
+    """`per_gpu=auto`: jobs at once on each GPU from the GPUs' total memory (GiB each; the
+    smallest decides): one per 12 GiB, 1 to 10; 4 when the memory is unknown (None).
+
+    A GPT-2 Medium job at batch 8 peaks at 2.5 GiB, so 12 leaves room for GPT-2 Large and
+    longer examples. 10 is the most measured: on an H200 (139.8 GiB) 10 jobs at once trained
+    85k real tokens/s against 71k for 4 (bench/RESULTS.md, "Sweep with and without MPS").
+    So an H200 gets 10, an 80 GB GPU 6, a 24 GB one 2."""
+    if not memory_gib:
+        return AUTO_UNKNOWN
+    return max(1, min(AUTO_MOST, int(min(memory_gib) // AUTO_GIB_PER_JOB)))
+
+
+def gpu_memory_gib(gpus: Sequence[str]) -> list[float] | None:
+    """Total memory of `gpus` (CUDA_VISIBLE_DEVICES entries: indices or UUIDs) in GiB, from
+    nvidia-smi, which makes no CUDA context; None when it cannot be read (no nvidia-smi, a
+    MIG entry it does not take)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None or not gpus:
+        return None
+    try:
+        out = subprocess.run([exe, "--query-gpu=memory.total", "--format=csv,noheader,nounits",
+                              "-i", ",".join(gpus)], capture_output=True, text=True, timeout=30)
+        mib = [float(line) for line in out.stdout.split()] if out.returncode == 0 else []
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        return None
+    return [m / 1024 for m in mib] if len(mib) == len(gpus) else None
+
+
 def slots(gpus: Sequence[Any], per_gpu: int, workers: int) -> list[str | None]:
     """One entry per job that may run at once: each GPU `per_gpu` times (interleaved, so a
     short sweep spreads over all GPUs), or `workers` CPU slots (None)."""
-    if per_gpu < 1 or workers < 1:
-        raise ValueError(f"hydra.launcher.per_gpu={per_gpu}, workers={workers}: must be >= 1")
+    if not all(isinstance(n, int) and n >= 1 for n in (per_gpu, workers)):
+        raise ValueError(f"hydra.launcher.per_gpu={per_gpu}, workers={workers}: must be "
+                         "integers >= 1 (per_gpu may also be auto)")
     if not gpus:
         return [None] * workers
     return [str(g) for _ in range(per_gpu) for g in gpus]
@@ -163,7 +196,7 @@ def packs(keys: Sequence[str | None], size: int) -> list[list[int]]:
 
 
 class ParallelLauncher(Launcher):
-    def __init__(self, gpus: Any = None, per_gpu: int = 4, workers: int = 1,
+    def __init__(self, gpus: Any = None, per_gpu: Any = "auto", workers: int = 1,
                  mps: Any = "auto", pack: int = 1) -> None:
         self.gpus, self.per_gpu, self.workers, self.mps = gpus, per_gpu, workers, mps
         self.pack = pack
@@ -182,7 +215,12 @@ class ParallelLauncher(Launcher):
             gpus = visible_gpus()
         elif isinstance(gpus, (int, str)):  # gpus=1 or gpus="0,1" rather than a list
             gpus = [g for g in str(gpus).split(",") if g.strip()]
-        free = slots(gpus, self.per_gpu, self.workers)
+        per_gpu, why = self.per_gpu, ""
+        if str(per_gpu).lower() == "auto":
+            memory = gpu_memory_gib([str(g) for g in gpus]) if gpus else None
+            per_gpu = auto_per_gpu(memory)
+            why = f"; per_gpu=auto: {min(memory):.0f} GiB" if memory else "; per_gpu=auto"
+        free = slots(gpus, per_gpu, self.workers)
         if free == [None] and self.pack <= 1:  # CPU, one at a time, in this process:
             # as Hydra's basic launcher
             from hydra._internal.core_plugins.basic_launcher import BasicLauncher
@@ -201,7 +239,7 @@ class ParallelLauncher(Launcher):
             mps = use_mps(self.mps, gpus)
             required = str(self.mps).lower() != "auto"
             with mps_server(Path(tmp), required) if mps else contextlib.nullcontext():
-                return _Sweep(jobs, free, units).run()
+                return _Sweep(jobs, free, units, why).run()
 
     def _prepare(self, idx: int, overrides: list[str], tmp: Path) -> dict:
         """The job's config, directory and a pickled payload for its worker process."""
@@ -260,10 +298,10 @@ class _Sweep:
     of several jobs (a pack) is one process."""
 
     def __init__(self, jobs: list[dict], free: list[str | None],
-                 units: list[list[int]] | None = None):
+                 units: list[list[int]] | None = None, why: str = ""):
         from tqdm.auto import tqdm
 
-        self.jobs, self.n_slots = jobs, len(free)
+        self.jobs, self.n_slots, self.why = jobs, len(free), why
         self.units = units or [[i] for i in range(len(jobs))]
         self.free: queue.Queue = queue.Queue()
         for slot in free:
@@ -282,7 +320,7 @@ class _Sweep:
         t0 = time.time()
         gpus = sorted({s for s in list(self.free.queue) if s is not None})
         self.say(f"sweep: {len(self.jobs)} jobs, {self.n_slots} at a time"
-                 + (f" ({self.n_slots // len(gpus)} per GPU on GPUs {','.join(gpus)})"
+                 + (f" ({self.n_slots // len(gpus)} per GPU on GPUs {','.join(gpus)}{self.why})"
                     if gpus else " on CPU"))
         with ThreadPoolExecutor(max_workers=self.n_slots) as pool:
             futures = [pool.submit(self.run_unit, [self.jobs[i] for i in unit])
