@@ -11,7 +11,8 @@ Parts, in this order, within `--budget-s` (a part that cannot fit is skipped or 
 report says so):
 - cold: every job at once (per_gpu=10) into an empty compile cache: pays each shape's
   compilation once and fills the cache; its warm-ups are cold-compile times.
-- parallel: per_gpu=`--per-gpu` from the warm cache, on each GPU set of `--gpus`.
+- parallel: per_gpu=`--per-gpu` (default: what the launcher's default, auto, picks for the
+  first GPU set) from the warm cache, on each GPU set of `--gpus`.
 - sequential: per_gpu=1 (one job at a time) on the ranks `--seq-ranks` (both targets); its
   10-job wall time is projected from the mean job.
 - per_gpu: the sweep again at each of `--per-gpu-sweep`, while the budget lasts.
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 
 from bench import common
+from hydra_plugins.lora_repro_launcher import launcher
 
 ROOT = Path(__file__).resolve().parents[1]
 RANKS, TARGETS = "1,2,4,8,64", "qv,qkvo"
@@ -50,7 +52,9 @@ def parse(argv):
     p.add_argument("--gpus", nargs="+", default=None,
                    help="GPU sets to compare, e.g. `0 0,1`; default: every visible GPU")
     p.add_argument("--parts", default="cold,parallel,sequential,per_gpu")
-    p.add_argument("--per-gpu", type=int, default=4, help="the parallel part's per_gpu")
+    p.add_argument("--per-gpu", default="auto",
+                   help="the parallel part's per_gpu: a number, or auto (the launcher's default, "
+                        "from the GPU's memory: 10 on an H200)")
     p.add_argument("--per-gpu-sweep", default="10,8,2", help="in the order they run")
     p.add_argument("--seq-ranks", default="1", help="ranks of the sequential part")
     p.add_argument("--steps", type=int, default=1500,
@@ -206,6 +210,11 @@ def main(argv=None) -> dict:
     gpu_sets = args.gpus or [",".join(str(i) for i in range(torch.cuda.device_count()))]
     if not all(gpu_sets):
         raise SystemExit("error: no GPU visible; pass --gpus or --tiny")
+    if str(args.per_gpu).lower() == "auto":
+        args.per_gpu = launcher.auto_per_gpu(launcher.gpu_memory_gib(gpu_sets[0].split(",")))
+    elif not str(args.per_gpu).isdigit() or int(args.per_gpu) < 1:
+        raise SystemExit(f"error: --per-gpu {args.per_gpu}: must be an integer >= 1 or auto")
+    args.per_gpu = int(args.per_gpu)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_sweep_"))
     cache = Path(args.cache_dir or work / "inductor")
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache), "WANDB_MODE": "disabled"}
