@@ -12,7 +12,8 @@ which lets their small kernels run at the same time: 10 jobs at once then traine
 tokens/s, 4 jobs 12% more ("Sweep with and without MPS").
 
 Each job runs in a fresh process (`worker.py`) that sees one GPU (`CUDA_VISIBLE_DEVICES`);
-jobs wait in a queue for a free slot, `per_gpu` slots per GPU (`workers` without GPUs). Each
+jobs wait in a queue for a free slot, `per_gpu` slots per GPU (`workers` without GPUs);
+`per_gpu=auto`, the default, sizes it from the GPUs' memory (`auto_per_gpu`). Each
 job's own output (its progress bar, warnings, a traceback) goes to `<job dir>/train.log`; the
 terminal gets one line per job as it starts and ends and one progress bar for the sweep.
 Without GPUs and with `workers=1` (the default on a CPU machine) the jobs run one after
@@ -80,7 +81,7 @@ def auto_per_gpu(memory_gib: Sequence[float] | None) -> int:
     smallest decides): one per 12 GiB, 1 to 10; 4 when the memory is unknown (None).
 
     A GPT-2 Medium job at batch 8 peaks at 2.5 GiB, so 12 leaves room for GPT-2 Large and
-    longer examples. 10 is the most measured: on an H200 (139.8 GiB) 10 jobs at once trained
+    longer examples. 10 is the most measured: on an H200 (140 GiB) 10 jobs at once trained
     85k real tokens/s against 71k for 4 (bench/RESULTS.md, "Sweep with and without MPS").
     So an H200 gets 10, an 80 GB GPU 6, a 24 GB one 2."""
     if not memory_gib:
@@ -219,7 +220,8 @@ class ParallelLauncher(Launcher):
         if str(per_gpu).lower() == "auto":
             memory = gpu_memory_gib([str(g) for g in gpus]) if gpus else None
             per_gpu = auto_per_gpu(memory)
-            why = f"; per_gpu=auto: {min(memory):.0f} GiB" if memory else "; per_gpu=auto"
+            why = (f"; per_gpu=auto: {min(memory):.0f} GiB" if memory
+                   else "; per_gpu=auto: GPU memory unknown")
         free = slots(gpus, per_gpu, self.workers)
         if free == [None] and self.pack <= 1:  # CPU, one at a time, in this process:
             # as Hydra's basic launcher
