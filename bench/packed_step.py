@@ -251,15 +251,14 @@ def main(argv=None) -> dict:
     packs = ([int(k) for k in args.packs.split(",")] if args.packs
              else [1, 2] if args.tiny else [1, 2, 5, 10])
     specs = [args.jobs] if args.jobs else [JOBS[:k] for k in packs]
-
-    def batches(on: torch.device):
-        return common.static_batches(encoded, tokenizer.pad_token_id, args.rows, N_BATCHES, on)
-
-    share = real_share(batches(torch.device("cpu")))  # no CUDA context beside the children
+    # on CPU: no CUDA context in this process beside the children of `measure_alone`
+    cpu_batches = common.static_batches(encoded, tokenizer.pad_token_id, args.rows, N_BATCHES,
+                                        torch.device("cpu"))
+    share = real_share(cpu_batches)
     if device.type == "cuda" and len(specs) > 1:
         rows = [measure_alone(args, k) for k in packs]
     else:
-        on_device = batches(device)
+        on_device = [({k: v.to(device) for k, v in b.items()}, n) for b, n in cpu_batches]
         rows = [measure(s, shape, tokenizer, on_device, device, steps, bf16_base=args.bf16_base,
                         label_head=args.label_head, attention=args.attention,
                         bf16_model=args.bf16_model) for s in specs]

@@ -210,9 +210,8 @@ def main(argv=None) -> dict:
     gpu_sets = args.gpus or [",".join(str(i) for i in range(torch.cuda.device_count()))]
     if not all(gpu_sets):
         raise SystemExit("error: no GPU visible; pass --gpus or --tiny")
-    if str(args.per_gpu).lower() == "auto":
-        args.per_gpu = launcher.auto_per_gpu(launcher.gpu_memory_gib(gpu_sets[0].split(",")))
-    elif not str(args.per_gpu).isdigit() or int(args.per_gpu) < 1:
+    args.per_gpu, _ = launcher.resolve_per_gpu(args.per_gpu, gpu_sets[0].split(","))
+    if not str(args.per_gpu).isdigit() or int(args.per_gpu) < 1:
         raise SystemExit(f"error: --per-gpu {args.per_gpu}: must be an integer >= 1 or auto")
     args.per_gpu = int(args.per_gpu)
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench_sweep_"))

@@ -53,6 +53,8 @@ def test_auto_per_gpu_from_the_smallest_gpus_memory():
     assert launcher.auto_per_gpu([h200]) == 10 and launcher.auto_per_gpu([a100_80]) == 6
     assert launcher.auto_per_gpu([h200, rtx_24]) == 2 and launcher.auto_per_gpu([8.0]) == 1
     assert launcher.auto_per_gpu(None) == 4  # nvidia-smi could not tell
+    assert launcher.resolve_per_gpu(3, ["0"]) == (3, "")  # a count as set: no nvidia-smi
+    assert launcher.resolve_per_gpu("auto", []) == (4, "per_gpu=auto: GPU memory unknown")
 
 
 def test_gpu_memory_gib_asks_nvidia_smi_for_the_given_gpus(tmp_path, monkeypatch):

@@ -105,6 +105,15 @@ def gpu_memory_gib(gpus: Sequence[str]) -> list[float] | None:
     return [m / 1024 for m in mib] if len(mib) == len(gpus) else None
 
 
+def resolve_per_gpu(setting: Any, gpus: Sequence[Any]) -> tuple[Any, str]:
+    """(`per_gpu` as set, "") or, for auto, (`auto_per_gpu`'s count for `gpus`, what it read)."""
+    if str(setting).lower() != "auto":
+        return setting, ""
+    memory = gpu_memory_gib([str(g) for g in gpus]) if gpus else None
+    return auto_per_gpu(memory), (f"per_gpu=auto: {min(memory):.0f} GiB" if memory
+                                  else "per_gpu=auto: GPU memory unknown")
+
+
 def slots(gpus: Sequence[Any], per_gpu: int, workers: int) -> list[str | None]:
     """One entry per job that may run at once: each GPU `per_gpu` times (interleaved, so a
     short sweep spreads over all GPUs), or `workers` CPU slots (None)."""
@@ -216,12 +225,7 @@ class ParallelLauncher(Launcher):
             gpus = visible_gpus()
         elif isinstance(gpus, (int, str)):  # gpus=1 or gpus="0,1" rather than a list
             gpus = [g for g in str(gpus).split(",") if g.strip()]
-        per_gpu, why = self.per_gpu, ""
-        if str(per_gpu).lower() == "auto":
-            memory = gpu_memory_gib([str(g) for g in gpus]) if gpus else None
-            per_gpu = auto_per_gpu(memory)
-            why = (f"; per_gpu=auto: {min(memory):.0f} GiB" if memory
-                   else "; per_gpu=auto: GPU memory unknown")
+        per_gpu, why = resolve_per_gpu(self.per_gpu, gpus)
         free = slots(gpus, per_gpu, self.workers)
         if free == [None] and self.pack <= 1:  # CPU, one at a time, in this process:
             # as Hydra's basic launcher
@@ -321,8 +325,9 @@ class _Sweep:
     def run(self) -> list[JobReturn]:
         t0 = time.time()
         gpus = sorted({s for s in list(self.free.queue) if s is not None})
+        why = f"; {self.why}" if self.why else ""
         self.say(f"sweep: {len(self.jobs)} jobs, {self.n_slots} at a time"
-                 + (f" ({self.n_slots // len(gpus)} per GPU on GPUs {','.join(gpus)}{self.why})"
+                 + (f" ({self.n_slots // len(gpus)} per GPU on GPUs {','.join(gpus)}{why})"
                     if gpus else " on CPU"))
         with ThreadPoolExecutor(max_workers=self.n_slots) as pool:
             futures = [pool.submit(self.run_unit, [self.jobs[i] for i in unit])
